@@ -1,0 +1,25 @@
+"""Pluggable samplers over a language-model interface; `REGISTRY` maps request names to them."""
+
+from samplers.base import (
+    ChoiceDelta,
+    DecodeParams,
+    InvalidRequest,
+    LanguageModel,
+    Sampler,
+    Spend,
+    TokenLogprob,
+)
+from samplers.direct import DirectSampler
+
+REGISTRY: dict[str, Sampler] = {sampler.name: sampler for sampler in (DirectSampler(),)}
+
+__all__ = [
+    "REGISTRY",
+    "ChoiceDelta",
+    "DecodeParams",
+    "InvalidRequest",
+    "LanguageModel",
+    "Sampler",
+    "Spend",
+    "TokenLogprob",
+]

@@ -1,0 +1,109 @@
+"""The one adapter between samplers and vLLM's `AsyncLLM`; no other sampler module imports vLLM."""
+
+import argparse
+from collections.abc import AsyncIterator, Mapping
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from samplers.base import ChoiceDelta, DecodeParams, TokenLogprob
+
+# vLLM sizes the CPU KV cache as a fraction of the NUMA node's memory and refuses to start when that
+# much is not free; a fixed 2 GiB serves small models comfortably on a 24 GiB machine.
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+class VllmModel:
+    """`LanguageModel` over one `AsyncLLM` engine."""
+
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
+        self.tokenizer = engine.get_tokenizer()
+        self.max_model_len: int = engine.model_config.max_model_len
+        self.vocab_size: int = engine.model_config.get_vocab_size()
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """vLLM's own engine flags (`--model`, `--dtype`, `--max-model-len`, ...), as `vllm serve` has them."""
+        AsyncEngineArgs.add_cli_args(parser)
+
+    @classmethod
+    def create(cls, args: argparse.Namespace) -> "VllmModel":
+        """Start an engine (blocking: loads weights and warms up) from parsed engine flags."""
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        if current_platform.is_cpu() and engine_args.kv_cache_memory_bytes is None:
+            engine_args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        return cls(AsyncLLM.from_engine_args(engine_args))
+
+    @property
+    def errored(self) -> bool:
+        return self.engine.errored
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    async def decode(
+        self, prompt_token_ids: list[int], params: DecodeParams, request_id: str
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        sampling = _sampling_params(params)
+        # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
+        async for output in self.engine.generate(
+            TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id
+        ):
+            yield [_choice_delta(o, params.logprobs) for o in output.outputs]
+
+
+def _sampling_params(params: DecodeParams) -> SamplingParams:
+    return SamplingParams(
+        n=params.n,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        min_tokens=params.min_tokens,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logprobs=params.logprobs,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _choice_delta(output: CompletionOutput, top_count: int | None) -> ChoiceDelta:
+    logprobs = None
+    if top_count is not None and output.logprobs is not None:
+        logprobs = [
+            _token_logprob(token_id, position, top_count)
+            for token_id, position in zip(output.token_ids, output.logprobs)
+        ]
+    return ChoiceDelta(
+        index=output.index,
+        token_ids=list(output.token_ids),
+        text=output.text,
+        logprobs=logprobs,
+        finish_reason=output.finish_reason,
+        stop_reason=output.stop_reason,
+    )
+
+
+def _token_logprob(token_id: int, position: Mapping[int, Logprob], top_count: int) -> TokenLogprob:
+    """vLLM gives, per position, the sampled token plus the `top_count` most likely ones."""
+    ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+    top = tuple(
+        TokenLogprob(tid, lp.decoded_token or "", lp.logprob)
+        for tid, lp in ranked[:top_count]
+    )
+    chosen = position[token_id]
+    return TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top)

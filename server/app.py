@@ -1,0 +1,99 @@
+"""The FastAPI application: thin routes over `server.serving`, with the engine's lifetime."""
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from samplers import REGISTRY as SAMPLERS
+from server import errors
+from server import protocol as p
+from server.formats import ChatFormat, CompletionFormat, chat_run, completion_run
+from server.serving import EngineState, respond
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    state: EngineState,
+    load_engine: Callable[[], object],
+    api_key: str | None = None,
+    on_fatal: Callable[[], None] = lambda: None,
+) -> FastAPI:
+    """`load_engine` builds the engine (blocking); it runs in a thread after the server is up, so
+    that `/health` answers 503 while the model loads. `on_fatal` is called if loading fails."""
+
+    async def load() -> None:
+        try:
+            state.model = await asyncio.to_thread(load_engine)
+            state.created = int(time.time())
+            logger.info("Engine ready: serving '%s'", state.served_name)
+        except Exception:
+            logger.exception("The engine failed to start")
+            on_fatal()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            if not loading.done():
+                logger.warning("Shutting down before the engine finished loading")
+            if state.model is not None:
+                state.model.shutdown()
+
+    app = FastAPI(title="Power sampling server", lifespan=lifespan)
+    errors.install(app)
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+            raise errors.APIError(401, "Missing or invalid API key: send 'Authorization: Bearer KEY'.")
+
+    @app.get("/health", summary="200 when the engine can serve requests, 503 otherwise")
+    async def health() -> Response:
+        model = state.ready_model()
+        await model.check_health()
+        return Response(status_code=200)
+
+    @app.get("/metrics", summary="Prometheus metrics: the server's powerserve_* and vLLM's vllm:*")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    v1 = [Depends(authorize)]
+
+    @app.get("/v1/models", dependencies=v1, response_model=p.ModelList)
+    async def models() -> p.ModelList:
+        model = state.model
+        return p.ModelList(data=[p.ModelCard(
+            id=state.served_name, created=state.created, root=state.root,
+            max_model_len=model.max_model_len if model else 0,
+        )])
+
+    @app.get("/v1/samplers", dependencies=v1, summary="Samplers and the JSON schema of their parameters")
+    async def samplers() -> JSONResponse:
+        return JSONResponse({
+            "object": "list",
+            "data": [{"id": name, "object": "sampler", "parameters": s.Params.model_json_schema()}
+                     for name, s in sorted(SAMPLERS.items())],
+        })
+
+    @app.post("/v1/completions", dependencies=v1, response_model=p.CompletionResponse)
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        return await respond(completion_run(state, body), request, body.stream, CompletionFormat(body))
+
+    @app.post("/v1/chat/completions", dependencies=v1, response_model=p.ChatCompletionResponse)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        return await respond(chat_run(state, body), request, body.stream, ChatFormat(body))
+
+    return app

@@ -1,0 +1,132 @@
+"""Endpoint-specific halves of serving: how each endpoint builds its prompts and shapes its output."""
+
+from samplers import ChoiceDelta, TokenLogprob
+from server import protocol as p
+from server.errors import bad_request
+from server.serving import ChoiceState, EngineState, Format, Run
+
+
+def completion_run(state: EngineState, body: p.CompletionRequest) -> Run:
+    tokenizer = state.ready_model().tokenizer
+    prompts = [tokenizer.encode(x) if isinstance(x, str) else x for x in body.prompts()]
+    return Run(state, body, prompts, body.max_tokens, body.logprobs, p.new_id("cmpl"))
+
+
+def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
+    tokenizer = state.ready_model().tokenizer
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template's own checks, e.g. roles it does not allow
+        raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
+    # The template already wrote the special tokens it wants.
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return Run(state, body, [prompt], max_tokens, logprobs, p.new_id("chatcmpl"))
+
+
+def _completion_logprobs(choice: ChoiceState, new: list[TokenLogprob], text: str) -> p.CompletionLogprobs:
+    """Logprobs of the tokens `new`, which are the last ones of `choice` and spell `text`."""
+    offset = len(choice.text) - len(text)
+    offsets = []
+    for token in new:
+        offsets.append(offset)
+        offset += len(token.token)
+    return p.CompletionLogprobs(
+        tokens=[t.token for t in new],
+        token_logprobs=[t.logprob for t in new],
+        top_logprobs=[{alt.token: alt.logprob for alt in t.top} for t in new],
+        text_offset=offsets,
+    )
+
+
+class CompletionFormat(Format):
+    def __init__(self, body: p.CompletionRequest):
+        self.token_ids = body.return_token_ids
+
+    def chunks(self, run: Run, delta: ChoiceDelta) -> list[p.CompletionResponse]:
+        choice = run.choices[delta.index]
+        first = len(choice.token_ids) == len(delta.token_ids)
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = _completion_logprobs(choice, delta.logprobs, delta.text)
+        out = p.CompletionChoice(
+            index=delta.index, text=delta.text, logprobs=logprobs,
+            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+            token_ids=delta.token_ids if self.token_ids else None,
+            prompt_token_ids=choice.prompt_token_ids if self.token_ids and first else None,
+        )
+        return [p.CompletionResponse(id=run.request_id, model=run.model_name, choices=[out])]
+
+    def usage_chunk(self, run: Run) -> p.CompletionResponse:
+        return p.CompletionResponse(id=run.request_id, model=run.model_name, choices=[],
+                                    usage=run.usage(), sampler_usage=run.sampler_usage())
+
+    def final(self, run: Run) -> p.CompletionResponse:
+        choices = [
+            p.CompletionChoice(
+                index=c.index, text=c.text,
+                logprobs=None if c.logprobs is None else _completion_logprobs(c, c.logprobs, c.text),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                token_ids=c.token_ids if self.token_ids else None,
+                prompt_token_ids=c.prompt_token_ids if self.token_ids else None,
+            )
+            for c in run.choices
+        ]
+        return p.CompletionResponse(id=run.request_id, model=run.model_name, choices=choices,
+                                    usage=run.usage(), sampler_usage=run.sampler_usage())
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> p.ChatLogprobs:
+    def entry(t: TokenLogprob) -> dict:
+        return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+
+    return p.ChatLogprobs(content=[
+        p.ChatTokenLogprob(**entry(t), top_logprobs=[p.TopLogprob(**entry(a)) for a in t.top])
+        for t in tokens
+    ])
+
+
+class ChatFormat(Format):
+    def __init__(self, body: p.ChatCompletionRequest):
+        self.token_ids = body.return_token_ids
+
+    def _chunk(self, run: Run, choices: list[p.ChatStreamChoice], **extra) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=run.request_id, model=run.model_name, choices=choices, **extra)
+
+    def opening(self, run: Run) -> list[p.ChatCompletionChunk]:
+        roles = [p.ChatStreamChoice(index=c.index, delta=p.AssistantMessage(role="assistant", content=""))
+                 for c in run.choices]
+        prompt_ids = run.prompts[0] if self.token_ids else None
+        return [self._chunk(run, roles, prompt_token_ids=prompt_ids)]
+
+    def chunks(self, run: Run, delta: ChoiceDelta) -> list[p.ChatCompletionChunk]:
+        out = p.ChatStreamChoice(
+            index=delta.index, delta=p.AssistantMessage(content=delta.text),
+            logprobs=None if delta.logprobs is None else _chat_logprobs(delta.logprobs),
+            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+            token_ids=delta.token_ids if self.token_ids else None,
+        )
+        return [self._chunk(run, [out])]
+
+    def usage_chunk(self, run: Run) -> p.ChatCompletionChunk:
+        return self._chunk(run, [], usage=run.usage(), sampler_usage=run.sampler_usage())
+
+    def final(self, run: Run) -> p.ChatCompletionResponse:
+        choices = [
+            p.ChatChoice(
+                index=c.index, message=p.AssistantMessage(role="assistant", content=c.text),
+                logprobs=None if c.logprobs is None else _chat_logprobs(c.logprobs),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                token_ids=c.token_ids if self.token_ids else None,
+            )
+            for c in run.choices
+        ]
+        return p.ChatCompletionResponse(
+            id=run.request_id, model=run.model_name, choices=choices, usage=run.usage(),
+            sampler_usage=run.sampler_usage(),
+            prompt_token_ids=run.prompts[0] if self.token_ids else None,
+        )

@@ -1,0 +1,307 @@
+"""The serving layer: an OpenAI request -> a sampler run -> an OpenAI response or SSE stream.
+
+Endpoints differ only in how they build the prompt and how they format choices; both run through
+`Run`, which resolves the sampler, validates the request against the model and the sampler,
+drives the sampler for every prompt, and records metrics.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from samplers import REGISTRY, ChoiceDelta, Sampler, Spend, TokenLogprob
+from server import protocol as p
+from server.errors import APIError, bad_request, from_exception
+from server.metrics import RequestMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLER = "direct"
+
+
+class EngineState:
+    """The model being served and whether its engine can take requests."""
+
+    def __init__(self, served_name: str, root: str):
+        self.served_name = served_name
+        self.root = root
+        self.model = None  # samplers.vllm_engine.VllmModel once loaded
+        self.created = 0
+
+    def ready_model(self):
+        if self.model is None:
+            raise APIError(503, "The engine is still loading; retry when GET /health answers 200.")
+        if self.model.errored:
+            raise APIError(503, "The engine has stopped; the server must be restarted.")
+        return self.model
+
+
+@dataclass
+class ChoiceState:
+    """Everything one choice has produced so far."""
+
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.token_ids.extend(delta.token_ids)
+        self.text += delta.text
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+
+
+def resolve_sampler(state: EngineState, body: p.SamplingFields) -> tuple[Sampler, BaseModel]:
+    """Pick the sampler named by `sampler` or a ':SAMPLER' model suffix, and validate its fields."""
+    suffix = None
+    if body.model != state.served_name:
+        base, _, suffix = body.model.rpartition(":")
+        if base != state.served_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; "
+                           f"this server serves '{state.served_name}'.", param="model")
+    if suffix and body.sampler and suffix != body.sampler:
+        raise bad_request(f"The model suffix ':{suffix}' and sampler '{body.sampler}' disagree.",
+                          param="sampler")
+    name = suffix or body.sampler or DEFAULT_SAMPLER
+    sampler = REGISTRY.get(name)
+    if sampler is None:
+        raise bad_request(f"Unknown sampler '{name}'. Valid samplers: {', '.join(sorted(REGISTRY))}.",
+                          param="sampler")
+    try:
+        params = sampler.Params.model_validate(body.model_extra or {})
+    except ValidationError as exc:
+        raise _sampler_param_error(sampler, exc) from None
+    return sampler, params
+
+
+def _sampler_param_error(sampler: Sampler, exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        own = ", ".join(sampler.Params.model_fields) or "none"
+        return bad_request(
+            f"Unknown parameter '{param}' for sampler '{sampler.name}'. Its own parameters: {own}; "
+            f"other samplers: {', '.join(sorted(REGISTRY))} (GET /v1/samplers lists theirs).",
+            param=param,
+        )
+    return bad_request(f"{param}: {first['msg']}", param=param)
+
+
+class Run:
+    """One request's sampler run over one or more prompts, with its metrics."""
+
+    def __init__(
+        self,
+        state: EngineState,
+        body: p.SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        request_id: str,
+    ):
+        self.sampler, self.params = resolve_sampler(state, body)
+        self.metrics = RequestMetrics(state.served_name, self.sampler.name)
+        self.spend = Spend()
+        self.outcome = "invalid"
+        self.request_id = request_id
+        self.model_name = body.model
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        try:
+            self.model = state.ready_model()
+            self.prompts = [_checked_prompt(self.model, ids) for ids in prompts]
+            longest = max(len(ids) for ids in self.prompts)
+            room = self.model.max_model_len - longest
+            if max_tokens is None:
+                max_tokens = room
+            if max_tokens > room:
+                raise bad_request(
+                    f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                    f"model's context of {self.model.max_model_len} tokens.", param="max_tokens")
+            self.decode = body.decode_params(max_tokens, logprobs)
+            self.sampler.check(self.decode, self.params)
+        except Exception as exc:
+            self.finish(exc)
+            raise
+        n = self.decode.n
+        self.choices = [ChoiceState(i * n + j, ids) for i, ids in enumerate(self.prompts) for j in range(n)]
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Every choice's deltas as they come, with indices numbered across prompts."""
+        n = self.decode.n
+        streams = [
+            self._offset(i * n, self.sampler.sample(self.model, ids, self.decode, self.params,
+                                                    f"{self.request_id}-{i}", self.spend))
+            for i, ids in enumerate(self.prompts)
+        ]
+        merged = streams[0] if len(streams) == 1 else _merge(streams)
+        async with aclosing(merged) as stream:
+            async for delta in stream:
+                self.choices[delta.index].add(delta)
+                self.metrics.output_tokens(len(delta.token_ids))
+                yield delta
+
+    @staticmethod
+    async def _offset(offset: int, stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+        async with aclosing(stream) as deltas:
+            async for delta in deltas:
+                delta.index += offset
+                yield delta
+
+    def usage(self) -> p.Usage:
+        prompt = sum(len(ids) for ids in self.prompts)
+        completion = sum(len(c.token_ids) for c in self.choices)
+        return p.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                       total_tokens=prompt + completion)
+
+    def sampler_usage(self) -> p.SamplerUsage:
+        return p.SamplerUsage(name=self.sampler.name, engine_tokens_generated=self.spend.generated,
+                              engine_tokens_scored=self.spend.scored, details=self.spend.details)
+
+    def failure(self, exc: Exception) -> APIError:
+        """The client-facing error for an exception raised while the run was going."""
+        if self.model.errored:
+            return APIError(503, "The engine has stopped; the server must be restarted.")
+        return from_exception(exc)
+
+    def finish(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self.outcome = "success"
+        elif isinstance(exc, asyncio.CancelledError):
+            self.outcome = "aborted"
+        elif isinstance(exc, APIError) and exc.status < 500:
+            self.outcome = "invalid"
+        else:
+            self.outcome = "error"
+        self.metrics.finish(self.outcome, self.spend.generated, self.spend.scored)
+
+
+def _checked_prompt(model, ids: list[int]) -> list[int]:
+    if not ids:
+        raise bad_request("The prompt is empty.", param="prompt")
+    vocab = model.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad_request(f"Prompt token ids must lie in [0, {vocab}).", param="prompt")
+    return ids
+
+
+async def _merge(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
+    """Interleave several delta streams as their items arrive; closing this closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:
+        try:
+            async with aclosing(stream) as items:
+                async for item in items:
+                    await queue.put(item)
+            await queue.put(done)
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Format:
+    """How an endpoint turns a run into response objects (see `server.formats`)."""
+
+    def opening(self, run: "Run") -> list[BaseModel]:
+        return []
+
+    def chunks(self, run: "Run", delta: ChoiceDelta) -> list[BaseModel]:
+        raise NotImplementedError
+
+    def usage_chunk(self, run: "Run") -> BaseModel:
+        raise NotImplementedError
+
+    def final(self, run: "Run") -> BaseModel:
+        raise NotImplementedError
+
+
+async def respond(run: Run, http_request: Request, stream: bool, fmt: Format) -> Response:
+    """Serve a run as an SSE stream or as one JSON body."""
+    if stream:
+        return StreamingResponse(_sse(run, fmt), media_type="text/event-stream")
+
+    async def collect() -> BaseModel:
+        async with aclosing(run.deltas()) as deltas:
+            async for _ in deltas:
+                pass
+        return fmt.final(run)
+
+    task = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_disconnected(http_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():  # the client went away: cancelling aborts every engine request of the run
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        run.finish(asyncio.CancelledError())
+        return Response(status_code=499)
+    if (exc := task.exception()) is not None:
+        error = run.failure(exc)
+        run.finish(error)
+        raise error from None
+    run.finish(None)
+    return JSONResponse(task.result().model_dump(mode="json"))
+
+
+async def _disconnected(http_request: Request) -> None:
+    # FastAPI has read the body already, so the only message left to receive is the disconnect.
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(run: Run, fmt: Format) -> AsyncIterator[str]:
+    error: BaseException | None = None
+    try:
+        for chunk in fmt.opening(run):
+            yield _event(chunk)
+        async with aclosing(run.deltas()) as deltas:
+            async for delta in deltas:
+                for chunk in fmt.chunks(run, delta):
+                    yield _event(chunk)
+        if run.include_usage:
+            yield _event(fmt.usage_chunk(run))
+    except asyncio.CancelledError as exc:  # the client went away: the engine requests are aborted
+        error = exc
+        raise
+    except Exception as exc:
+        error = run.failure(exc)
+        yield f"data: {json.dumps(error.body())}\n\n"
+    finally:
+        run.finish(error)
+    yield "data: [DONE]\n\n"
+
+
+def _event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
