@@ -60,11 +60,19 @@ def from_exception(exc: Exception) -> APIError:
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
+    errors = exc.errors()
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return bad_request("The request body is not valid JSON.")
+    # A field with a union type fails once per member, each location ending in the member's type
+    # name; the field itself is the part those locations share.
+    location = tuple(first.get("loc", ()))
+    for error in errors[1:]:
+        other = tuple(error.get("loc", ()))
+        if other[:2] == location[:2]:
+            shared = next((i for i, (a, b) in enumerate(zip(location, other)) if a != b), None)
+            location = location[:shared] if shared is not None else location
+    param = ".".join(str(part) for part in location if part != "body") or None
     message = first.get("msg", "Invalid request")
     return bad_request(f"{param}: {message}" if param else message, param)
 

@@ -1,0 +1,112 @@
+"""One real server per test session: the embedded SmolLM2 on vLLM, driven over HTTP.
+
+It runs in float32 so that its log-probabilities can be checked tightly against a Hugging Face
+forward pass, and with an API key so that authentication is exercised on every call.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from server import embedded_model
+
+API_KEY = "test-key"
+MODEL = embedded_model.MODEL_NAME
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass
+class LiveServer:
+    url: str
+    model_dir: Path
+    log: Path
+    # What the server answered while its engine was still loading.
+    loading_answers: dict[str, httpx.Response] = field(default_factory=dict)
+
+    def client(self, **kwargs) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                            timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return embedded_model.prepare()
+
+
+@pytest.fixture(scope="session")
+def live_server(model_dir: Path, tmp_path_factory) -> LiveServer:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable, "-m", "server", "--port", str(port), "--api-key", API_KEY,
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = LiveServer(url=f"http://127.0.0.1:{port}", model_dir=model_dir, log=log)
+    try:
+        _wait_until_ready(server, process)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait_until_ready(server: LiveServer, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    with server.http() as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log.read_text()[-4000:]}")
+            try:
+                health = http.get("/health")
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            if health.status_code == 200:
+                return
+            if "health" not in server.loading_answers:
+                server.loading_answers["health"] = health
+                server.loading_answers["completion"] = http.post(
+                    "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def client(live_server: LiveServer) -> OpenAI:
+    return live_server.client()
+
+
+@pytest.fixture(scope="session")
+def http(live_server: LiveServer):
+    with live_server.http() as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,144 @@
+"""/v1/completions against the real engine, through the official OpenAI client."""
+
+import time
+
+import pytest
+import torch
+
+from tests.conftest import MODEL
+
+PROMPT = "The capital of France is"
+
+
+def test_loading_server_answers_503(live_server):
+    health = live_server.loading_answers["health"]
+    completion = live_server.loading_answers["completion"]
+    assert health.status_code == 503
+    assert completion.status_code == 503
+    assert completion.json()["error"]["code"] == 503
+    assert "loading" in completion.json()["error"]["message"]
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].max_model_len == 2048
+
+
+def test_usage_counts_are_exact(client, tokenizer):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=7,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = r.choices[0]
+    assert choice.finish_reason == "length"
+    assert len(choice.token_ids) == 7
+    assert r.usage.prompt_tokens == len(tokenizer.encode(PROMPT))
+    assert r.usage.completion_tokens == 7
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+    assert r.sampler_usage == {"name": "direct", "engine_tokens_generated": 7,
+                               "engine_tokens_scored": 0, "details": {}}
+
+
+def test_return_token_ids_match_text_and_prompt(client, tokenizer):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = r.choices[0]
+    assert choice.prompt_token_ids == tokenizer.encode(PROMPT)
+    assert tokenizer.decode(choice.token_ids, skip_special_tokens=True) == choice.text
+
+
+def test_prompt_forms_and_n(client, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    for prompt, count in [(PROMPT, 1), ([PROMPT, "One, two,"], 2), (ids, 1), ([ids, ids[:3]], 2)]:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, n=2,
+                                      extra_body={"ignore_eos": True})
+        assert sorted(c.index for c in r.choices) == list(range(2 * count))
+        assert r.usage.completion_tokens == 3 * 2 * count
+
+
+def test_greedy_stream_equals_non_stream_and_arrives_incrementally(client):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    arrivals, pieces, finish = [], [], None
+    for chunk in client.completions.create(stream=True, **kwargs):
+        arrivals.append(time.monotonic())
+        for choice in chunk.choices:
+            pieces.append(choice.text)
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == full
+    assert finish == "length"
+    # Token-by-token streaming: many chunks, spread over the generation rather than sent at once.
+    assert len(arrivals) >= 20
+    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.05
+
+
+def test_stream_usage_chunk_only_when_asked(client):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=5, n=2, stream=True,
+                  extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(stream_options={"include_usage": True}, **kwargs))
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+    assert all(c.usage is None for c in client.completions.create(**kwargs))
+
+
+def test_stop_string_cuts_and_reports_reason(client):
+    kwargs = dict(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=30, temperature=0)
+    text = client.completions.create(**kwargs).choices[0].text
+    stop = text.strip()[:2]
+    assert stop, f"greedy output too short to pick a stop string: {text!r}"
+    choice = client.completions.create(stop=[stop], **kwargs).choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.stop_reason == stop
+    assert choice.text == text[: text.index(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(client):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    greedy = client.completions.create(extra_body={"return_token_ids": True, "ignore_eos": True},
+                                       **kwargs).choices[0].token_ids
+    stop_id = greedy[3]
+    choice = client.completions.create(
+        extra_body={"return_token_ids": True, "stop_token_ids": [stop_id]}, **kwargs).choices[0]
+    assert choice.token_ids == greedy[: greedy.index(stop_id) + 1]
+    assert choice.finish_reason == "stop" and choice.stop_reason == stop_id
+    # min_tokens holds back EOS and stop tokens until that many tokens exist.
+    choice = client.completions.create(
+        extra_body={"return_token_ids": True, "stop_token_ids": [stop_id], "min_tokens": 10},
+        **kwargs).choices[0]
+    assert len(choice.token_ids) >= 10
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def draw(seed):
+        r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, seed=seed, n=2,
+                                      extra_body={"ignore_eos": True})
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = draw(1234)
+    assert draw(1234) == first
+    assert draw(4321) != first
+
+
+def test_logprobs_are_the_models_own(live_server, client):
+    """The reported log-probabilities equal a float32 Hugging Face forward pass of the same model."""
+    from transformers import AutoModelForCausalLM
+
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, logprobs=3,
+                                  temperature=0.7, extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    ids = choice.prompt_token_ids + choice.token_ids
+    model = AutoModelForCausalLM.from_pretrained(live_server.model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    reference = torch.log_softmax(logits, dim=-1)
+    start = len(choice.prompt_token_ids)
+    for i, token_id in enumerate(choice.token_ids):
+        row = reference[start + i - 1]
+        # raw log p, before temperature: temperature 0.7 must not show in the numbers
+        assert choice.logprobs.token_logprobs[i] == pytest.approx(row[token_id].item(), abs=2e-3)
+        top = choice.logprobs.top_logprobs[i]
+        assert len(top) == 3
+        assert max(top.values()) == pytest.approx(row.max().item(), abs=2e-3)
+    assert len(choice.logprobs.tokens) == len(choice.token_ids)
+    assert choice.logprobs.text_offset[0] == 0

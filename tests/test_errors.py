@@ -1,0 +1,95 @@
+"""Every error path answers OpenAI's error JSON with the right status, never FastAPI's 422."""
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, says: str = ""):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    assert says in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert "Traceback" not in response.text
+
+
+def complete(http, **fields):
+    return http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields})
+
+
+def test_unknown_model_is_404(http):
+    assert_error(complete(http, model="gpt-4"), 404, "model", "gpt-4")
+
+
+def test_unknown_sampler_names_it_and_lists_the_valid_ones(http):
+    assert_error(complete(http, sampler="beam"), 400, "sampler", "'beam'")
+    assert "direct" in complete(http, sampler="beam").json()["error"]["message"]
+    assert_error(complete(http, model=f"{MODEL}:beam"), 400, "sampler", "'beam'")
+
+
+def test_sampler_by_model_suffix_and_field(client, http):
+    r = client.completions.create(model=f"{MODEL}:direct", prompt="Hi", max_tokens=2)
+    assert r.model == f"{MODEL}:direct" and r.sampler_usage["name"] == "direct"
+    assert complete(http, sampler="direct").status_code == 200
+    assert_error(complete(http, model=f"{MODEL}:direct", sampler="power_mcmc"), 400, "sampler", "disagree")
+
+
+def test_unknown_parameter_names_it(http, client):
+    assert_error(complete(http, power_alpha=4), 400, "power_alpha", "'power_alpha'")
+    with pytest.raises(openai.BadRequestError, match="bogus"):
+        client.completions.create(model=MODEL, prompt="Hi", extra_body={"bogus": 1})
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"prompt": None}, "prompt"),
+    ({"stream_options": {"include_usage": "perhaps"}}, "stream_options.include_usage"),
+])
+def test_invalid_fields_are_400(http, fields, param):
+    assert_error(complete(http, **fields), 400, param)
+
+
+def test_missing_fields_and_bad_json_are_400(http):
+    assert_error(http.post("/v1/completions", json={"model": MODEL}), 400, "prompt")
+    assert_error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, "messages")
+    assert_error(http.post("/v1/completions", content=b"{not json",
+                           headers={"Content-Type": "application/json"}), 400, says="JSON")
+
+
+def test_prompt_problems_are_400(http):
+    assert_error(complete(http, prompt="word " * 1000, max_tokens=1500), 400, "max_tokens", "2048")
+    assert_error(complete(http, prompt=""), 400, "prompt", "empty")
+    assert_error(complete(http, prompt=[10**9]), 400, "prompt")
+
+
+def test_chat_specific_errors(http):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert_error(http.post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
+    bad_role = {**chat, "messages": [{"role": "robot", "content": "Hi"}]}
+    assert_error(http.post("/v1/chat/completions", json=bad_role), 400)
+
+
+def test_unknown_route_and_method_keep_the_error_shape(http):
+    assert_error(http.get("/v1/nothing"), 404)
+    assert_error(http.get("/v1/completions"), 405)
+
+
+def test_api_key_guards_v1_but_not_health_or_metrics(live_server):
+    with httpx.Client(base_url=live_server.url) as anonymous:
+        assert_error(anonymous.get("/v1/models"), 401, says="API key")
+        assert_error(anonymous.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"}), 401)
+        wrong = {"Authorization": "Bearer nope"}
+        assert_error(anonymous.post("/v1/chat/completions", json={}, headers=wrong), 401)
+        assert anonymous.get("/health").status_code == 200
+        assert anonymous.get("/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="nope", max_retries=0).models.list()

@@ -1,0 +1,86 @@
+"""Prometheus metrics move with traffic, and a client that goes away aborts its engine request."""
+
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL
+
+LABELS = {"model": MODEL, "sampler": "direct"}
+
+
+def scrape(http) -> dict[tuple[str, frozenset], float]:
+    text = http.get("/metrics").text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, frozenset({**LABELS, **labels}.items())), 0.0)
+
+
+def test_metrics_follow_requests(http, client):
+    before = scrape(http)
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, n=2,
+                                  extra_body={"ignore_eos": True})
+    for _ in client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, stream=True,
+                                       extra_body={"ignore_eos": True}):
+        pass
+    http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "temperature": -1})
+    after = scrape(http)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert r.usage.completion_tokens == 10
+    assert delta("powerserve_requests_total", outcome="success") == 2
+    assert delta("powerserve_output_tokens_total") == 13
+    assert delta("powerserve_engine_tokens_total", kind="generated") == 13
+    assert delta("powerserve_engine_tokens_total", kind="scored") == 0
+    assert delta("powerserve_request_latency_seconds_count") == 2
+    assert delta("powerserve_time_to_first_token_seconds_count") == 2
+    assert value(after, "powerserve_requests_in_flight") == 0
+    # vLLM's own engine metrics are on the same page, under the served model name.
+    engine = frozenset({"model_name": MODEL, "engine": "0"}.items())
+    generated = after[("vllm:generation_tokens_total", engine)] - before[("vllm:generation_tokens_total", engine)]
+    assert generated >= 13
+
+
+def running(http) -> float:
+    return sum(v for (name, _), v in scrape(http).items() if name == "vllm:num_requests_running")
+
+
+def wait_until_idle(http, seconds: float = 5.0) -> float:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if running(http) == 0:
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"vLLM still runs {running(http)} request(s) {seconds} s after the client left")
+
+
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
+
+
+def test_stream_disconnect_aborts_the_engine_request(live_server, http):
+    with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+            lines = response.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert running(http) == 1
+    left = time.monotonic()
+    assert wait_until_idle(http) - left < 5
+
+
+def test_non_stream_disconnect_aborts_the_engine_request(live_server, http):
+    with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=2) as c:
+        try:
+            c.post("/v1/completions", json=LONG)
+        except httpx.ReadTimeout:
+            pass
+    left = time.monotonic()
+    assert wait_until_idle(http) - left < 5
+    counted = scrape(http)
+    assert value(counted, "powerserve_requests_total", outcome="aborted") >= 1
