@@ -63,7 +63,10 @@ def create_app(
     @app.get("/health", summary="200 when the engine can serve requests, 503 otherwise")
     async def health() -> Response:
         model = state.ready_model()
-        await model.check_health()
+        try:
+            await model.check_health()
+        except Exception as exc:
+            raise errors.APIError(503, f"The engine is unhealthy: {type(exc).__name__}.") from None
         return Response(status_code=200)
 
     @app.get("/metrics", summary="Prometheus metrics: the server's powerserve_* and vLLM's vllm:*")
