@@ -1,7 +1,7 @@
 """`python -m benchmarks.vs_vllm`: our server against vLLM's own OpenAI server, side by side.
 
 Both servers load the same model directory with the same engine flags; vLLM's load generator
-(`vllm.benchmarks.serve`) drives each in turn (vllm, ours, vllm, ours, ...) with the same seeded
+(`vllm.benchmarks.serve`) drives them in turn (vllm, ours, vllm, ours, ...) with the same seeded
 random workload on /v1/completions. The medians over rounds of output-token throughput and TTFT,
 and the ratios ours/vllm, go to a JSON file and to a Markdown table on stdout.
 """
@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,32 +26,28 @@ from typing import Any
 logger = logging.getLogger("benchmarks.vs_vllm")
 
 RESULTS = Path(__file__).parent / "results"
+SERVERS = {"vllm": "vllm.entrypoints.openai.api_server", "ours": "server"}  # run with -m, in this order
 ENGINE_FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(2 << 30)]
 METRICS = ["output_throughput", "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms"]
-TARGETS = {"throughput_ratio": (">=", 0.90), "median_ttft_ratio": ("<=", 1.2)}
+TARGETS = {"throughput_ratio": ">= 0.90", "median_ttft_ratio": "<= 1.2"}
 
 
 def parse_args() -> argparse.Namespace:
+    """The command line: model, workload, rounds, ports and where the results go."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_vllm", description=__doc__)
     parser.add_argument("--model", help="Hugging Face model directory (default: the embedded model).")
     parser.add_argument("--served-model-name", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--num-prompts", type=int, default=48)
-    parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup-prompts", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vllm-port", type=int, default=8101)
-    parser.add_argument("--ours-port", type=int, default=8102)
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="Seconds to wait for /health.")
+    for flag, default in [("--num-prompts", 48), ("--input-len", 64), ("--output-len", 64),
+                          ("--concurrency", 8), ("--rounds", 3), ("--warmup-prompts", 4), ("--seed", 0),
+                          ("--vllm-port", 8101), ("--ours-port", 8102), ("--startup-timeout", 300)]:
+        parser.add_argument(flag, type=int, default=default, help=f"(default: {default})")
     parser.add_argument("--output", type=Path, default=RESULTS / "vs_vllm.json")
     return parser.parse_args()
 
 
-def start_server(name: str, module: str, model: str, served: str, port: int) -> subprocess.Popen:
-    """Start a server in its own process group (so its engine processes can be killed with it)."""
-    cmd = [sys.executable, "-m", module, "--model", model, "--served-model-name", served,
+def start_server(name: str, model: str, served: str, port: int) -> subprocess.Popen:
+    """Start a server in a process group of its own, so that its engine processes die with it."""
+    cmd = [sys.executable, "-m", SERVERS[name], "--model", model, "--served-model-name", served,
            "--port", str(port), *ENGINE_FLAGS]
     logger.info("Starting %s: %s (log: %s)", name, " ".join(cmd), RESULTS / f"{name}.log")
     with open(RESULTS / f"{name}.log", "w") as log:
@@ -59,71 +56,82 @@ def start_server(name: str, module: str, model: str, served: str, port: int) -> 
 
 def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float) -> None:
     """Poll GET /health until it answers 200; fail with the log's tail if the server dies or stalls."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} server exited with {proc.returncode}:\n{log_tail(name)}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.status == 200:
-                    logger.info("%s server is ready on port %d", name, port)
-                    return
+    url, deadline = f"http://127.0.0.1:{port}/health", time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+            if response.status == 200:  # a 503 raises HTTPError, an OSError
+                logger.info("%s server is ready on port %d", name, port)
+                return
         time.sleep(2)
-    raise RuntimeError(f"{name} server not healthy after {timeout:.0f}s:\n{log_tail(name)}")
-
-
-def log_tail(name: str, lines: int = 40) -> str:
-    return "\n".join((RESULTS / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+    tail = "\n".join((RESULTS / f"{name}.log").read_text(errors="replace").splitlines()[-40:])
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout}s"
+    raise RuntimeError(f"The {name} server {state}; its log ends:\n{tail}")
 
 
 def stop_server(name: str, proc: subprocess.Popen) -> None:
-    """Terminate the server's whole process group, killing it if it does not exit in time."""
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    """Terminate the server's process group, then kill whatever is left of it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        try:
-            proc.wait(grace)
-            break
-        except subprocess.TimeoutExpired:
-            logger.warning("%s server ignored %s", name, sig.name)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # engine-core children left behind by the parent
-    logger.info("Stopped %s server", name)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+    logger.info("Stopped the %s server", name)
 
 
-def run_load(args: argparse.Namespace, model: str, port: int, num_prompts: int) -> dict[str, Any]:
-    """One run of vLLM's load generator; its own report goes to results/loadgen.log."""
+def run_load(args: argparse.Namespace, port: int, num_prompts: int, seed: int) -> dict[str, Any]:
+    """One run of vLLM's load generator against a server; its own report goes to results/loadgen.log."""
     from vllm.benchmarks import serve
 
     parser = argparse.ArgumentParser()
     serve.add_cli_args(parser)
     bench_args = parser.parse_args([
-        "--backend", "openai", "--endpoint", "/v1/completions",
-        "--base-url", f"http://127.0.0.1:{port}", "--model", args.served_model_name, "--tokenizer", model,
-        "--dataset-name", "random", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-        "--num-prompts", str(num_prompts), "--max-concurrency", str(args.concurrency),
-        "--ignore-eos", "--seed", str(args.seed), "--disable-tqdm", "--save-detailed",
+        "--backend", "openai", "--endpoint", "/v1/completions", "--base-url", f"http://127.0.0.1:{port}",
+        "--model", args.served_model_name, "--tokenizer", args.model, "--dataset-name", "random",
+        "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
+        "--num-prompts", str(num_prompts), "--max-concurrency", str(args.concurrency), "--seed", str(seed),
+        "--disable-tqdm", "--save-detailed",  # detailed: keeps the per-request errors in the result
     ])
     with open(RESULTS / "loadgen.log", "a") as log, contextlib.redirect_stdout(log):
         result = serve.main(bench_args)
-    errors = sorted({e for e in result.get("errors", []) if e})
+    figures = {key: result[key] for key in ["completed", "failed", "duration", *METRICS]} | {"seed": seed}
     if result["failed"]:
-        logger.warning("%d of %d requests failed on port %d: %s", result["failed"], num_prompts, port, errors[:3])
-    figures = {key: result[key] for key in ["completed", "failed", "duration", *METRICS]}
-    return figures | {"errors": errors[:10]}
+        errors = sorted({e for e in result["errors"] if e})[:10]
+        figures |= {"errors": errors, "error_body": probe_error(port, args.served_model_name)}
+        logger.warning("%d of %d requests failed on port %d: %s; the server says: %s",
+                       result["failed"], num_prompts, port, errors, figures["error_body"])
+    return figures
 
 
-def verdict(value: float, target: tuple[str, float]) -> str:
-    op, bound = target
-    return "pass" if (value >= bound if op == ">=" else value <= bound) else "fail"
+def probe_error(port: int, served: str) -> str:
+    """The server's answer to a request like the load generator's, whose errors keep only the HTTP reason."""
+    payload = {"model": served, "prompt": "Hello", "max_tokens": 1, "logprobs": None, "stream": True,
+               "stream_options": {"include_usage": True}, "ignore_eos": True, "repetition_penalty": 1.0}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return f"{response.status}: {response.read(500).decode(errors='replace')}"
+    except urllib.error.HTTPError as exc:
+        return f"{exc.code}: {exc.read(2000).decode(errors='replace')}"
 
 
-def markdown(medians: dict[str, dict[str, float]], ratios: dict[str, float], verdicts: dict[str, str]) -> str:
+def verdict(value: float | None, target: str, failed: int) -> str:
+    """'pass' or 'fail' against a target such as '>= 0.9'; 'invalid' when requests failed."""
+    if failed or value is None:
+        return f"invalid ({failed} failed requests)"
+    op, bound = target.split()
+    return "pass" if (value >= float(bound) if op == ">=" else value <= float(bound)) else "fail"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The medians and the ratios as Markdown tables, ready for a README."""
     rows = ["| Server | Output tok/s | Median TTFT (ms) | Mean TTFT (ms) | P99 TTFT (ms) |",
             "|---|---:|---:|---:|---:|"]
-    rows += [f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in METRICS) + " |" for name, m in medians.items()]
+    rows += [f"| {n} | " + " | ".join(f"{m[k]:.1f}" for k in METRICS) + " |"
+             for n, m in report["medians"].items()]
     rows += ["", "| Ratio ours/vllm | Value | Target | Verdict |", "|---|---:|---|---|"]
-    rows += [f"| {k} | {v:.3f} | {' '.join(map(str, TARGETS[k]))} | {verdicts[k]} |" for k, v in ratios.items()]
+    rows += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} | {TARGETS[k]} | {report['verdicts'][k]} |"
+             for k, v in report["ratios"].items()]
     return "\n".join(rows)
 
 
@@ -134,58 +142,52 @@ def main() -> None:
         from server import embedded_model
 
         args.model = str(embedded_model.prepare())
+    from vllm import __version__ as vllm_version
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "loadgen.log").write_text("")
     ports = {"vllm": args.vllm_port, "ours": args.ours_port}
-    modules = {"vllm": "vllm.entrypoints.openai.api_server", "ours": "server"}
     procs: dict[str, subprocess.Popen] = {}
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in ports}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
     try:
-        for name in ports:
-            procs[name] = start_server(name, modules[name], args.model, args.served_model_name, ports[name])
-        for name in ports:
+        for name in SERVERS:
+            procs[name] = start_server(name, args.model, args.served_model_name, ports[name])
+        for name in SERVERS:
             wait_healthy(name, procs[name], ports[name], args.startup_timeout)
-        for name in ports:
             logger.info("Warm-up: %d prompts against %s", args.warmup_prompts, name)
-            run_load(args, args.model, ports[name], args.warmup_prompts)
+            run_load(args, ports[name], args.warmup_prompts, args.seed)
         for i in range(1, args.rounds + 1):
-            for name in ports:
-                figures = run_load(args, args.model, ports[name], args.num_prompts)
+            for name in SERVERS:
+                # A new seed each round: the same prompts for both servers, none in a prefix cache yet.
+                figures = run_load(args, ports[name], args.num_prompts, args.seed + i)
                 rounds[name].append(figures)
-                logger.info("Round %d/%d %s: %.1f tok/s, median TTFT %.1f ms, %d failed", i, args.rounds,
+                logger.info("Round %d/%d, %s: %.1f tok/s, median TTFT %.1f ms, %d failed", i, args.rounds,
                             name, figures["output_throughput"], figures["median_ttft_ms"], figures["failed"])
     finally:
         for name, proc in procs.items():
             stop_server(name, proc)
 
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in METRICS} for name, rs in rounds.items()}
-    ratios = {
-        "throughput_ratio": medians["ours"]["output_throughput"] / medians["vllm"]["output_throughput"],
-        "median_ttft_ratio": medians["ours"]["median_ttft_ms"] / medians["vllm"]["median_ttft_ms"],
-    }
-    verdicts = {k: verdict(v, TARGETS[k]) for k, v in ratios.items()}
-    import vllm
-
+    ratios = {f"{label}_ratio": medians["ours"][key] / medians["vllm"][key] if medians["vllm"][key] else None
+              for label, key in [("throughput", "output_throughput"), ("median_ttft", "median_ttft_ms")]}
+    failed = sum(r["failed"] for rs in rounds.values() for r in rs)
     report = {
         "command": sys.argv,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "vllm": vllm.__version__},
+                    "python": platform.python_version(), "vllm": vllm_version},
         "model": args.model,
-        "workload": {"dataset": "random", "endpoint": "/v1/completions", "input_len": args.input_len,
-                     "output_len": args.output_len, "num_prompts": args.num_prompts,
-                     "max_concurrency": args.concurrency, "ignore_eos": True, "seed": args.seed,
-                     "rounds": args.rounds, "warmup_prompts": args.warmup_prompts, "engine_flags": ENGINE_FLAGS},
-        "rounds": rounds,
-        "medians": medians,
-        "ratios": ratios,
-        "targets": {k: " ".join(map(str, t)) for k, t in TARGETS.items()},
-        "verdicts": verdicts,
+        "workload": {"dataset": "random", "endpoint": "/v1/completions", "ignore_eos": True,
+                     "seeds": "warm-up: seed, round i: seed + i", "engine_flags": ENGINE_FLAGS}
+        | {k: vars(args)[k] for k in ["input_len", "output_len", "num_prompts", "concurrency",
+                                      "rounds", "warmup_prompts", "seed"]},
+        "rounds": rounds, "medians": medians, "ratios": ratios, "targets": TARGETS,
+        "verdicts": {k: verdict(v, TARGETS[k], failed) for k, v in ratios.items()},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     logger.info("Wrote %s", args.output)
-    print(markdown(medians, ratios, verdicts))
+    print(markdown(report))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class DecodeParams:
     min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logprobs: int | None = None
 
 

@@ -76,6 +76,7 @@ def _sampling_params(params: DecodeParams) -> SamplingParams:
         min_tokens=params.min_tokens,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
         logprobs=params.logprobs,
         output_kind=RequestOutputKind.DELTA,
     )

@@ -80,6 +80,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return exc.response()
 
     @app.exception_handler(InvalidRequest)

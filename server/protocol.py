@@ -39,6 +39,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, description="Accepted for compatibility; not used.")
     # vLLM extensions
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Above 1 discourages repeated tokens.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     min_tokens: int = Field(0, ge=0, description="Tokens to generate before EOS or stop may end.")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end a completion.")
@@ -63,6 +64,7 @@ class SamplingFields(BaseModel):
             min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
             logprobs=logprobs,
         )
 
@@ -177,22 +179,20 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoiceFields(BaseModel):
     index: int
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatChoice(ChatChoiceFields):
     message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
 
 
-class ChatStreamChoice(BaseModel):
-    index: int
+class ChatStreamChoice(ChatChoiceFields):
     delta: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -53,6 +53,7 @@ def test_prompt_forms(prompt, expected):
 
 
 def test_decode_params_follow_the_request():
-    decode = request(stop="x", top_k=-1, stop_token_ids=[5], n=3).decode_params(10, logprobs=2)
-    assert (decode.stop, decode.top_k, decode.stop_token_ids, decode.n, decode.logprobs) == (
-        ("x",), 0, (5,), 3, 2)
+    body = request(stop="x", top_k=-1, stop_token_ids=[5], n=3, repetition_penalty=1.1)
+    decode = body.decode_params(10, logprobs=2)
+    assert (decode.stop, decode.top_k, decode.stop_token_ids, decode.n, decode.logprobs,
+            decode.repetition_penalty) == (("x",), 0, (5,), 3, 2, 1.1)
