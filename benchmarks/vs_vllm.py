@@ -172,7 +172,7 @@ def main() -> None:
               for label, key in [("throughput", "output_throughput"), ("median_ttft", "median_ttft_ms")]}
     failed = sum(r["failed"] for rs in rounds.values() for r in rs)
     report = {
-        "command": sys.argv,
+        "command": " ".join(["python", "-m", "benchmarks.vs_vllm", *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "vllm": vllm_version},

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,26 +53,31 @@ def model_dir() -> Path:
     return embedded_model.prepare()
 
 
-@pytest.fixture(scope="session")
-def live_server(model_dir: Path, tmp_path_factory) -> LiveServer:
+@contextmanager
+def running_server(model_dir: Path, log: Path, *flags: str) -> Iterator[tuple[LiveServer, subprocess.Popen]]:
+    """Start `python -m server` with an API key on a free port; stop its whole process group after."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable, "-m", "server", "--port", str(port), "--api-key", API_KEY,
-        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-    ]
+    command = [sys.executable, "-m", "server", "--port", str(port), "--api-key", API_KEY,
+               "--enforce-eager", *flags]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = LiveServer(url=f"http://127.0.0.1:{port}", model_dir=model_dir, log=log)
     try:
         _wait_until_ready(server, process)
-        yield server
+        yield server, process
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def live_server(model_dir: Path, tmp_path_factory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(model_dir, log, "--dtype", "float32", "--max-model-len", "2048") as (server, _):
+        yield server
 
 
 def _wait_until_ready(server: LiveServer, process: subprocess.Popen) -> None:
