@@ -59,7 +59,9 @@ class ChoiceState:
         self.token_ids.extend(delta.token_ids)
         self.text += delta.text
         if delta.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + delta.logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason
@@ -116,15 +118,19 @@ class Run:
         self.sampler, self.params = resolve_sampler(state, body)
         self.metrics = RequestMetrics(state.served_name, self.sampler.name)
         self.spend = Spend()
-        self.outcome = "invalid"
         self.request_id = request_id
         self.model_name = body.model
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         try:
             self.model = state.ready_model()
+            if not prompts:
+                raise bad_request("The prompt list is empty.", param="prompt")
             self.prompts = [_checked_prompt(self.model, ids) for ids in prompts]
             longest = max(len(ids) for ids in self.prompts)
             room = self.model.max_model_len - longest
+            if room < 1:
+                raise bad_request(f"The prompt ({longest} tokens) leaves no room for output in the "
+                                  f"model's context of {self.model.max_model_len} tokens.", param="prompt")
             if max_tokens is None:
                 max_tokens = room
             if max_tokens > room:
@@ -179,14 +185,14 @@ class Run:
 
     def finish(self, exc: BaseException | None) -> None:
         if exc is None:
-            self.outcome = "success"
+            outcome = "success"
         elif isinstance(exc, asyncio.CancelledError):
-            self.outcome = "aborted"
+            outcome = "aborted"
         elif isinstance(exc, APIError) and exc.status < 500:
-            self.outcome = "invalid"
+            outcome = "invalid"
         else:
-            self.outcome = "error"
-        self.metrics.finish(self.outcome, self.spend.generated, self.spend.scored)
+            outcome = "error"
+        self.metrics.finish(outcome, self.spend.generated, self.spend.scored)
 
 
 def _checked_prompt(model, ids: list[int]) -> list[int]:

@@ -68,6 +68,10 @@ def test_missing_fields_and_bad_json_are_400(http):
 def test_prompt_problems_are_400(http):
     assert_error(complete(http, prompt="word " * 1000, max_tokens=1500), 400, "max_tokens", "2048")
     assert_error(complete(http, prompt=""), 400, "prompt", "empty")
+    assert_error(complete(http, prompt=[]), 400, "prompt", "empty")
+    assert_error(complete(http, prompt=[1] * 2048, max_tokens=None), 400, "prompt", "no room")
+    long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 2100}]}
+    assert_error(http.post("/v1/chat/completions", json=long_chat), 400, "prompt", "no room")
     assert_error(complete(http, prompt=[10**9]), 400, "prompt")
 
 
