@@ -10,8 +10,11 @@ from samplers.base import (
     TokenLogprob,
 )
 from samplers.direct import DirectSampler
+from samplers.power_mcmc import PowerMCMCSampler
 
-REGISTRY: dict[str, Sampler] = {sampler.name: sampler for sampler in (DirectSampler(),)}
+REGISTRY: dict[str, Sampler] = {
+    sampler.name: sampler for sampler in (DirectSampler(), PowerMCMCSampler())
+}
 
 __all__ = [
     "REGISTRY",

@@ -68,17 +68,37 @@ class Spend:
     """What a sampler cost the engine beyond the prompt, updated while it runs.
 
     `generated`: tokens the engine decoded; `scored`: tokens it ran through the model only to
-    read their log-probabilities. Plain decoding spends exactly its output tokens. `details`
-    holds sampler-specific counts (proposals, acceptances, rollouts, ...).
+    read their log-probabilities. Plain decoding spends exactly its output tokens. `events`
+    counts sampler-specific happenings (proposals, acceptances, ...; exported to Prometheus);
+    `details` holds derived figures for the response (an acceptance rate, ...).
     """
 
     generated: int = 0
     scored: int = 0
+    events: dict[str, int] = field(default_factory=dict)
     details: dict[str, float] = field(default_factory=dict)
+
+    def count(self, event: str, times: int = 1) -> None:
+        self.events[event] = self.events.get(event, 0) + times
 
 
 class LanguageModel(Protocol):
-    """The engine operations a sampler may use."""
+    """The engine operations a sampler may use.
+
+    `processed_logprobs`: whether the log-probabilities that `decode` reports are those of the
+    distribution each token was drawn from (after temperature, top-k and top-p), rather than the
+    model's own. `score` always gives the model's own log p.
+    """
+
+    processed_logprobs: bool
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of the tokens, special tokens left out."""
+        ...
+
+    async def score(self, token_ids: list[int], start: int, request_id: str) -> list[float]:
+        """log p(token_ids[i] | token_ids[:i]) under the model at temperature 1, for i >= start."""
+        ...
 
     def decode(
         self, prompt_token_ids: list[int], params: DecodeParams, request_id: str
@@ -114,7 +134,7 @@ class Sampler(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
 
-    def check(self, decode: DecodeParams, params: BaseModel) -> None:
+    def check(self, model: LanguageModel, decode: DecodeParams, params: BaseModel) -> None:
         """Reject request combinations that make no sense for this sampler (raise InvalidRequest)."""
 
     @abstractmethod

@@ -17,6 +17,7 @@ from samplers.base import ChoiceDelta, DecodeParams, TokenLogprob
 # vLLM sizes the CPU KV cache as a fraction of the NUMA node's memory and refuses to start when that
 # much is not free; a fixed 2 GiB serves small models comfortably on a 24 GiB machine.
 CPU_KV_CACHE_BYTES = 2 << 30
+PROCESSED_LOGPROBS = "processed_logprobs"
 
 
 class VllmModel:
@@ -27,11 +28,18 @@ class VllmModel:
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len: int = engine.model_config.max_model_len
         self.vocab_size: int = engine.model_config.get_vocab_size()
+        self.processed_logprobs = engine.model_config.logprobs_mode == PROCESSED_LOGPROBS
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
-        """vLLM's own engine flags (`--model`, `--dtype`, `--max-model-len`, ...), as `vllm serve` has them."""
+        """vLLM's own engine flags (`--model`, `--dtype`, `--max-model-len`, ...), as `vllm serve` has them.
+
+        One default differs from vLLM's: logprobs are "processed", the log-probabilities of the
+        distribution each token was actually drawn from. Power samplers need exactly that for the
+        proposal density q (algorithms.md section 1), and vLLM offers no per-request choice.
+        """
         AsyncEngineArgs.add_cli_args(parser)
+        parser.set_defaults(logprobs_mode=PROCESSED_LOGPROBS)
 
     @classmethod
     def create(cls, args: argparse.Namespace) -> "VllmModel":
@@ -50,6 +58,22 @@ class VllmModel:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    async def score(self, token_ids: list[int], start: int, request_id: str) -> list[float]:
+        # Prompt logprobs are the model's raw log p whatever the logprobs mode, which makes them
+        # exact for scoring; the price is that vLLM then skips the prefix cache for the request,
+        # so the whole sequence is prefilled again.
+        sampling = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        final = None
+        async for output in self.engine.generate(
+            TokensPrompt(prompt_token_ids=token_ids), sampling, request_id
+        ):
+            final = output
+        rows = final.prompt_logprobs  # rows[i] scores token_ids[i]; rows[0] is None
+        return [rows[i][token_ids[i]].logprob for i in range(start, len(token_ids))]
 
     async def decode(
         self, prompt_token_ids: list[int], params: DecodeParams, request_id: str

@@ -9,6 +9,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from samplers import Spend
+
 logger = logging.getLogger(__name__)
 
 # From a 20 ms plain request to a 20-minute MCMC run.
@@ -45,6 +47,13 @@ ENGINE_TOKENS = Counter(
     (*LABELS, "kind"),
 )
 
+SAMPLER_EVENTS = Counter(
+    "powerserve_sampler_events",
+    "Sampler-specific events, e.g. power_mcmc's event=proposals and event=accepted (their ratio "
+    "is the acceptance rate).",
+    (*LABELS, "event"),
+)
+
 
 class RequestMetrics:
     """Observes one request; metric failures are logged, never raised into the request."""
@@ -61,12 +70,14 @@ class RequestMetrics:
             TIME_TO_FIRST_TOKEN.labels(**self.labels).observe(time.perf_counter() - self.start)
         OUTPUT_TOKENS.labels(**self.labels).inc(count)
 
-    def finish(self, outcome: str, generated: int, scored: int) -> None:
+    def finish(self, outcome: str, spend: Spend) -> None:
         try:
             IN_FLIGHT.labels(**self.labels).dec()
             REQUESTS.labels(**self.labels, outcome=outcome).inc()
             REQUEST_LATENCY.labels(**self.labels).observe(time.perf_counter() - self.start)
-            ENGINE_TOKENS.labels(**self.labels, kind="generated").inc(generated)
-            ENGINE_TOKENS.labels(**self.labels, kind="scored").inc(scored)
+            ENGINE_TOKENS.labels(**self.labels, kind="generated").inc(spend.generated)
+            ENGINE_TOKENS.labels(**self.labels, kind="scored").inc(spend.scored)
+            for event, count in spend.events.items():
+                SAMPLER_EVENTS.labels(**self.labels, event=event).inc(count)
         except Exception:  # a metric must never break a request
             logger.exception("Failed to record request metrics")

@@ -126,6 +126,7 @@ class SamplerUsage(BaseModel):
     name: str
     engine_tokens_generated: int
     engine_tokens_scored: int
+    events: dict[str, int] = {}
     details: dict[str, float] = {}
 
 

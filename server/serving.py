@@ -24,6 +24,9 @@ from server.metrics import RequestMetrics
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "direct"
+# An SSE comment: every SSE client, the OpenAI SDK's included, skips it.
+HEARTBEAT = ": keep-alive\n\n"
+HEARTBEAT_S = 5.0
 
 
 class EngineState:
@@ -138,7 +141,7 @@ class Run:
                     f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
                     f"model's context of {self.model.max_model_len} tokens.", param="max_tokens")
             self.decode = body.decode_params(max_tokens, logprobs)
-            self.sampler.check(self.decode, self.params)
+            self.sampler.check(self.model, self.decode, self.params)
         except Exception as exc:
             self.finish(exc)
             raise
@@ -175,7 +178,8 @@ class Run:
 
     def sampler_usage(self) -> p.SamplerUsage:
         return p.SamplerUsage(name=self.sampler.name, engine_tokens_generated=self.spend.generated,
-                              engine_tokens_scored=self.spend.scored, details=self.spend.details)
+                              engine_tokens_scored=self.spend.scored, events=self.spend.events,
+                              details=self.spend.details)
 
     def failure(self, exc: Exception) -> APIError:
         """The client-facing error for an exception raised while the run was going."""
@@ -192,7 +196,7 @@ class Run:
             outcome = "invalid"
         else:
             outcome = "error"
-        self.metrics.finish(outcome, self.spend.generated, self.spend.scored)
+        self.metrics.finish(outcome, self.spend)
 
 
 def _checked_prompt(model, ids: list[int]) -> list[int]:
@@ -292,8 +296,11 @@ async def _sse(run: Run, fmt: Format) -> AsyncIterator[str]:
     try:
         for chunk in fmt.opening(run):
             yield _event(chunk)
-        async with aclosing(run.deltas()) as deltas:
+        async with aclosing(_with_heartbeat(run.deltas())) as deltas:
             async for delta in deltas:
+                if delta is None:
+                    yield HEARTBEAT
+                    continue
                 for chunk in fmt.chunks(run, delta):
                     yield _event(chunk)
         if run.include_usage:
@@ -307,6 +314,33 @@ async def _sse(run: Run, fmt: Format) -> AsyncIterator[str]:
     finally:
         run.finish(error)
     yield "data: [DONE]\n\n"
+
+
+async def _with_heartbeat(stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta | None]:
+    """The stream's items, with a None whenever HEARTBEAT_S pass without one.
+
+    Samplers that decide nothing until their chains finish would otherwise leave a stream silent
+    for minutes, and proxies and clients drop silent connections.
+    """
+    iterator = aiter(stream)
+    pending = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(iterator))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await stream.aclose()
 
 
 def _event(chunk: BaseModel) -> str:
