@@ -35,7 +35,7 @@ def test_usage_counts_are_exact(client, tokenizer):
     assert r.usage.completion_tokens == 7
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
     assert r.sampler_usage == {"name": "direct", "engine_tokens_generated": 7,
-                               "engine_tokens_scored": 0, "details": {}}
+                               "engine_tokens_scored": 0, "events": {}, "details": {}}
 
 
 def test_return_token_ids_match_text_and_prompt(client, tokenizer):
@@ -120,22 +120,23 @@ def test_seed_makes_sampling_reproducible(client):
     assert draw(4321) != first
 
 
-def test_logprobs_are_the_models_own(live_server, client):
-    """The reported log-probabilities equal a float32 Hugging Face forward pass of the same model."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_are_those_of_the_distribution_sampled_from(live_server, client, temperature):
+    """Reported log-probabilities equal a float32 Hugging Face forward pass of the same model, at
+    the request's temperature: the model's own log p at temperature 1."""
     from transformers import AutoModelForCausalLM
 
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, logprobs=3,
-                                  temperature=0.7, extra_body={"return_token_ids": True})
+                                  temperature=temperature, extra_body={"return_token_ids": True})
     choice = r.choices[0]
     ids = choice.prompt_token_ids + choice.token_ids
     model = AutoModelForCausalLM.from_pretrained(live_server.model_dir, dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
-    reference = torch.log_softmax(logits, dim=-1)
+    reference = torch.log_softmax(logits / temperature, dim=-1)
     start = len(choice.prompt_token_ids)
     for i, token_id in enumerate(choice.token_ids):
         row = reference[start + i - 1]
-        # raw log p, before temperature: temperature 0.7 must not show in the numbers
         assert choice.logprobs.token_logprobs[i] == pytest.approx(row[token_id].item(), abs=2e-3)
         top = choice.logprobs.top_logprobs[i]
         assert len(top) == 3

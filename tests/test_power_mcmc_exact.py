@@ -1,0 +1,142 @@
+"""power_mcmc against the exact p^alpha of a tiny random Llama, through the real vLLM engine.
+
+The model (tests/tiny_models.py) has 3 tokens and completions of at most 3 tokens: 15 outcomes
+whose probabilities are computed exactly, as is the law of the chain after a given number of
+steps (its 15 x 15 transition kernel). EOS carries about half of p^alpha's mass, so completions
+of different lengths compete and the length term matters.
+"""
+
+import asyncio
+import math
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import replace
+
+import pytest
+
+from samplers import DecodeParams, Spend
+from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
+from samplers.vllm_engine import VllmModel
+from server.__main__ import parse_args
+from tests import tiny_models as tm
+
+ALPHA = 4.0
+MAX_TOKENS = 3
+STEPS = 30
+CHAINS = 1024
+# A chosen model: p, temperature 1/alpha and the chain without the length term are all far from
+# p^alpha (TV 0.39, 0.45 and 0.22), while EOS holds half its mass.
+SEED, SHARPNESS, EOS_TILT = 0, 12.0, 1.0
+FAILURE_PROBABILITY = 1e-4
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    # vLLM's output-handler task lives in this loop; end it before closing the loop, or the
+    # interpreter hangs at exit.
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tm.build(tmp_path_factory.mktemp("tiny"), SEED, SHARPNESS, EOS_TILT)
+    return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, loop):
+    args = parse_args(["--model", str(tiny[0]), "--enforce-eager", "--dtype", "float32",
+                       "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20)])
+    model = VllmModel.create(args)
+    yield model
+    model.shutdown()
+
+
+def draw(loop, engine, chains: int, decode: DecodeParams, params: PowerMCMCParams):
+    """`chains` independent chains, 64 to a request, all requests at once."""
+
+    async def one_request(n: int):
+        spend = Spend()
+        deltas = PowerMCMCSampler().sample(engine, tm.PROMPT, replace(decode, n=n), params,
+                                           uuid.uuid4().hex, spend)
+        return [d async for d in deltas], spend
+
+    async def all_requests():
+        return await asyncio.gather(*(one_request(64) for _ in range(chains // 64)))
+
+    return loop.run_until_complete(all_requests())
+
+
+def noise_bound(target: dict, samples: int) -> float:
+    """TV(empirical, law) stays below this with probability 1 - FAILURE_PROBABILITY.
+
+    E[TV] <= 1/2 sum_y sqrt(law(y)(1 - law(y)) / S) (Cauchy-Schwarz per outcome), and TV is a
+    function of S independent draws that moves by at most 1/S when one draw changes, so by
+    McDiarmid it exceeds its mean by t with probability at most exp(-2 S t^2).
+    """
+    mean = 0.5 * sum(math.sqrt(p * (1 - p) / samples) for p in target.values())
+    return mean + math.sqrt(math.log(1 / FAILURE_PROBABILITY) / (2 * samples))
+
+
+def test_chain_matches_exact_power_distribution(loop, engine, tiny):
+    _, table = tiny
+    target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
+    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS)
+    without_length_term = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, length_term=False)
+    plain = tm.tempered_distribution(table, MAX_TOKENS, 1.0)
+    low_temperature = tm.tempered_distribution(table, MAX_TOKENS, 1 / ALPHA)
+
+    results = draw(loop, engine, CHAINS, DecodeParams(max_tokens=MAX_TOKENS),
+                   PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS,
+                                   proposal_temperature=1.0))
+    counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
+    assert sum(counts.values()) == CHAINS
+    empirical = {y: c / CHAINS for y, c in counts.items()}
+
+    bias = tm.total_variation(chain_law, target)  # what STEPS steps leave of the start (~1e-4)
+    bound = bias + noise_bound(target, CHAINS)
+    assert tm.total_variation(empirical, target) < bound
+    # The test has the power to tell: every wrong sampler is further than the bound, and would
+    # be with the same probability.
+    for wrong in (without_length_term, plain, low_temperature):
+        assert tm.total_variation(wrong, target) > 2 * bound
+        assert tm.total_variation(empirical, wrong) > bound
+    spend = results[0][1]
+    assert spend.events["proposals"] == 64 * STEPS
+    assert spend.scored == 0  # q = p: nothing to score
+    assert 0 < spend.events["accepted"] < spend.events["proposals"]
+
+
+def test_stored_log_p_and_log_q_are_exact(loop, engine, tiny):
+    """With a tempered, top-k proposal the chain's log p comes from scoring and log q from the
+    engine's processed logprobs; both equal the float64 reference."""
+    _, table = tiny
+    [(deltas, spend)] = draw(loop, engine, 64, DecodeParams(max_tokens=MAX_TOKENS, top_k=2, logprobs=0),
+                             PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=2, block_size=1))
+    for delta in deltas:
+        for t, entry in enumerate(delta.logprobs):
+            assert entry.logprob == pytest.approx(table[tuple(delta.token_ids[:t])][entry.token_id], abs=1e-4)
+    assert spend.scored > 0
+
+    async def proposals() -> dict[int, list]:
+        decode = DecodeParams(max_tokens=MAX_TOKENS, temperature=0.25, top_k=2, logprobs=0, n=16)
+        by_choice = defaultdict(list)
+        async for batch in engine.decode(tm.PROMPT, decode, uuid.uuid4().hex):
+            for delta in batch:
+                by_choice[delta.index] += delta.logprobs
+        return by_choice
+
+    for entries in loop.run_until_complete(proposals()).values():
+        prefix = ()
+        for entry in entries:
+            row = table[prefix] / 0.25
+            kept = sorted(row, reverse=True)[:2]  # top-k = 2 renormalises over the two best
+            log_q = row[entry.token_id] - math.log(sum(map(math.exp, kept)))
+            assert entry.logprob == pytest.approx(log_q, abs=1e-4)
+            prefix += (entry.token_id,)

@@ -1,0 +1,83 @@
+"""power_mcmc on the embedded model over HTTP: spend reporting, base logprobs, streaming, errors."""
+
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import MODEL
+from tests.test_errors import assert_error, complete
+from tests.test_metrics_and_cancel import scrape, wait_until_idle
+
+PROMPT = "The capital of France is"
+POWER = {"sampler": "power_mcmc", "mcmc_steps": 2, "block_size": 4}
+
+
+def test_spend_and_base_logprobs(live_server, client):
+    from transformers import AutoModelForCausalLM
+
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, logprobs=0, seed=7,
+                                  extra_body={**POWER, "return_token_ids": True, "ignore_eos": True})
+    usage = r.sampler_usage
+    stages = 2  # 8 tokens in blocks of 4
+    assert usage["events"]["proposals"] == 2 * stages * POWER["mcmc_steps"]
+    assert usage["details"]["acceptance_rate"] == pytest.approx(
+        usage["events"]["accepted"] / usage["events"]["proposals"])
+    assert usage["engine_tokens_generated"] >= r.usage.completion_tokens == 16
+    assert usage["engine_tokens_scored"] > 0  # proposal at temperature 1/4: log p is scored
+    model = AutoModelForCausalLM.from_pretrained(live_server.model_dir, dtype=torch.float32)
+    for choice in r.choices:
+        ids = choice.prompt_token_ids + choice.token_ids
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        start = len(choice.prompt_token_ids)
+        for i, token_id in enumerate(choice.token_ids):  # the base model's log p, not the proposal's
+            assert choice.logprobs.token_logprobs[i] == pytest.approx(
+                reference[start + i - 1, token_id].item(), abs=2e-3)
+
+
+def test_stream_delivers_the_same_completion_as_non_stream(client):
+    kwargs = dict(model=MODEL, max_tokens=12, seed=11, extra_body={**POWER, "ignore_eos": True},
+                  messages=[{"role": "user", "content": "Name a colour."}])
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+
+
+def test_metrics_count_proposals(http, client):
+    def events(samples, event):
+        key = frozenset({"model": MODEL, "sampler": "power_mcmc", "event": event}.items())
+        return samples.get(("powerserve_sampler_events_total", key), 0.0)
+
+    before = scrape(http)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body=POWER)
+    after = scrape(http)
+    assert events(after, "proposals") - events(before, "proposals") == r.sampler_usage["events"]["proposals"]
+    assert events(after, "accepted") - events(before, "accepted") == r.sampler_usage["events"]["accepted"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": 0.5}, "temperature"),
+    ({"stop": ["x"]}, "stop"),
+    ({"logprobs": 2}, "logprobs"),
+    ({"min_tokens": 2}, "min_tokens"),
+    ({"power_alpha": 0.5}, "power_alpha"),
+    ({"mcmc_steps": -1}, "mcmc_steps"),
+    ({"block_size": 0}, "block_size"),
+    ({"proposal_temperature": 0}, "proposal_temperature"),
+])
+def test_invalid_power_requests_are_400(http, fields, param):
+    assert_error(complete(http, sampler="power_mcmc", **fields), 400, param)
+
+
+def test_disconnect_aborts_every_chain(live_server, http):
+    long_run = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "n": 4, "ignore_eos": True,
+                "sampler": "power_mcmc", "mcmc_steps": 10}
+    with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=3) as c:
+        try:
+            c.post("/v1/completions", json=long_run)
+        except httpx.ReadTimeout:
+            pass
+    left = time.monotonic()
+    assert wait_until_idle(http) - left < 5

@@ -1,0 +1,126 @@
+"""Tiny random Llamas whose every completion can be enumerated, and exact distributions over them.
+
+The vocabulary is three tokens, "a", "b" and the EOS "</s>"; completions of up to `T` tokens
+either end with EOS or are cut at T. vLLM's CPU attention needs head_dim >= 32, so the model has
+hidden size 64 with two heads; float32 keeps its logprobs within about 1e-6 of a float64 forward.
+"""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VOCAB = {"a": 0, "b": 1, "</s>": 2}
+EOS = VOCAB["</s>"]
+PROMPT = [0, 1, 0]
+
+
+def build(directory: Path, seed: int, sharpness: float, eos_bias: float) -> Path:
+    """A random 2-layer Llama; `sharpness` scales its output layer, `eos_bias` shifts EOS's logit."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+        # Tilting EOS's output row towards "a"'s gives EOS real mass wherever "a" is likely.
+        model.lm_head.weight[EOS] = model.lm_head.weight[EOS] + eos_bias * model.lm_head.weight[0]
+    model.save_pretrained(directory, safe_serialization=True)
+    word_level = Tokenizer(WordLevel(VOCAB, unk_token="a"))
+    word_level.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="</s>",
+                                        pad_token="</s>", unk_token="a")
+    tokenizer.save_pretrained(directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
+    return directory
+
+
+def completions(max_tokens: int) -> list[tuple[int, ...]]:
+    """Every completion: ending with EOS after at most max_tokens - 1 tokens, or cut at max_tokens."""
+    others = [t for t in VOCAB.values() if t != EOS]
+    ended = [(*body, EOS) for n in range(max_tokens) for body in itertools.product(others, repeat=n)]
+    cut = list(itertools.product(others, repeat=max_tokens))
+    return ended + cut
+
+
+def next_token_logprobs(directory: Path, prompt: list[int], max_tokens: int) -> dict[tuple, np.ndarray]:
+    """log p(. | prompt + prefix) in float64, for every prefix a completion can have."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float64)
+    others = [t for t in VOCAB.values() if t != EOS]
+    table = {}
+    with torch.no_grad():
+        for n in range(max_tokens):
+            for prefix in itertools.product(others, repeat=n):
+                logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1]
+                table[prefix] = torch.log_softmax(logits, dim=-1).numpy()
+    return table
+
+
+def sequence_logprob(table: dict, y: tuple, temperature: float = 1.0) -> float:
+    """log of the product of per-token probabilities, each next-token distribution at `temperature`."""
+    total = 0.0
+    for t, token in enumerate(y):
+        row = table[y[:t]] / temperature
+        total += row[token] - np.logaddexp.reduce(row)
+    return total
+
+
+def normalise(logw: dict) -> dict:
+    top = max(logw.values())
+    weights = {y: math.exp(v - top) for y, v in logw.items()}
+    total = sum(weights.values())
+    return {y: w / total for y, w in weights.items()}
+
+
+def power_distribution(table: dict, max_tokens: int, alpha: float) -> dict:
+    return normalise({y: alpha * sequence_logprob(table, y) for y in completions(max_tokens)})
+
+
+def tempered_distribution(table: dict, max_tokens: int, temperature: float) -> dict:
+    return normalise({y: sequence_logprob(table, y, temperature) for y in completions(max_tokens)})
+
+
+def total_variation(a: dict, b: dict) -> float:
+    return 0.5 * sum(abs(a.get(y, 0.0) - b.get(y, 0.0)) for y in set(a) | set(b))
+
+
+def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
+                      length_term: bool = True) -> dict:
+    """The exact law of a one-block chain with proposal p after `steps` steps (algorithms.md 1).
+
+    It starts from a proposal draw (law p) and each step resamples from a uniform index m. With
+    `length_term=False` it is the published code's chain, without log(L / L').
+    """
+    states = completions(max_tokens)
+    index = {y: i for i, y in enumerate(states)}
+    logp = {y: sequence_logprob(table, y) for y in states}
+    kernel = np.zeros((len(states), len(states)))
+    for y in states:
+        for m in range(len(y)):
+            for z in states:  # proposals from index m: completions sharing y's first m tokens
+                if z[:m] != y[:m] or len(z) <= m:
+                    continue
+                log_q = logp[z] - sequence_logprob(table, z[:m])
+                # with q = p the ratio is (alpha - 1) * (log p(z) - log p(y)) + log(L / L')
+                log_a = (alpha - 1) * (logp[z] - logp[y])
+                if length_term:
+                    log_a += math.log(len(y) / len(z))
+                kernel[index[y], index[z]] += math.exp(log_q) / len(y) * min(1.0, math.exp(log_a))
+        kernel[index[y], index[y]] += 1.0 - kernel[index[y]].sum()
+    law = np.array([math.exp(logp[y]) for y in states])
+    for _ in range(steps):
+        law = law @ kernel
+    return dict(zip(states, law))
