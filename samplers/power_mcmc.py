@@ -160,7 +160,7 @@ class _ChainRun:
             # Extend every unfinished chain to the stage's length with the proposal.
             extensions = await asyncio.gather(*(
                 self._propose(c, len(c.tokens), limit) if not c.ended and len(c.tokens) < limit
-                else _nothing() for c in chains
+                else asyncio.sleep(0) for c in chains  # sleep(0) stands for "nothing to add": None
             ))
             chains = [c if z is None else c.then(z) for c, z in zip(chains, extensions)]
             for _ in range(self.params.mcmc_steps):
@@ -212,6 +212,3 @@ class _ChainRun:
             self.spend.scored += len(prefix) + len(tokens)
         return Segment(tokens, logp, logq, ended=finish == "stop", stop_reason=stop_reason)
 
-
-async def _nothing() -> None:
-    return None

@@ -51,13 +51,16 @@ class VllmModel:
 
     @property
     def errored(self) -> bool:
-        return self.engine.errored
+        return self.engine is None or self.engine.errored
 
     async def check_health(self) -> None:
         await self.engine.check_health()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        # Drop the engine here: AsyncLLM shuts down again when collected, which fails if that
+        # happens only at interpreter exit.
+        engine, self.engine = self.engine, None
+        engine.shutdown()
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

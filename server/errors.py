@@ -80,7 +80,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        if exc.status < 500:  # 503s repeat while loading; a dead engine is logged where it dies
+            logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return exc.response()
 
     @app.exception_handler(InvalidRequest)

@@ -74,13 +74,18 @@ def test_stream_disconnect_aborts_the_engine_request(live_server, http):
     assert wait_until_idle(http) - left < 5
 
 
-def test_non_stream_disconnect_aborts_the_engine_request(live_server, http):
-    with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=2) as c:
+def leave_mid_request(live_server, http, body: dict, after_s: float) -> None:
+    """Post `body`, give up on the answer after `after_s`, and expect vLLM idle within 5 s."""
+    with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=after_s) as c:
         try:
-            c.post("/v1/completions", json=LONG)
+            c.post("/v1/completions", json=body)
         except httpx.ReadTimeout:
             pass
     left = time.monotonic()
     assert wait_until_idle(http) - left < 5
+
+
+def test_non_stream_disconnect_aborts_the_engine_request(live_server, http):
+    leave_mid_request(live_server, http, LONG, after_s=2)
     counted = scrape(http)
     assert value(counted, "powerserve_requests_total", outcome="aborted") >= 1

@@ -1,14 +1,11 @@
 """power_mcmc on the embedded model over HTTP: spend reporting, base logprobs, streaming, errors."""
 
-import time
-
-import httpx
 import pytest
 import torch
 
 from tests.conftest import MODEL
 from tests.test_errors import assert_error, complete
-from tests.test_metrics_and_cancel import scrape, wait_until_idle
+from tests.test_metrics_and_cancel import leave_mid_request, scrape
 
 PROMPT = "The capital of France is"
 POWER = {"sampler": "power_mcmc", "mcmc_steps": 2, "block_size": 4}
@@ -74,10 +71,4 @@ def test_invalid_power_requests_are_400(http, fields, param):
 def test_disconnect_aborts_every_chain(live_server, http):
     long_run = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "n": 4, "ignore_eos": True,
                 "sampler": "power_mcmc", "mcmc_steps": 10}
-    with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=3) as c:
-        try:
-            c.post("/v1/completions", json=long_run)
-        except httpx.ReadTimeout:
-            pass
-    left = time.monotonic()
-    assert wait_until_idle(http) - left < 5
+    leave_mid_request(live_server, http, long_run, after_s=3)

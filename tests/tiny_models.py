@@ -98,29 +98,30 @@ def total_variation(a: dict, b: dict) -> float:
 
 
 def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
-                      length_term: bool = True) -> dict:
-    """The exact law of a one-block chain with proposal p after `steps` steps (algorithms.md 1).
+                      proposal_temperature: float = 1.0, length_term: bool = True) -> dict:
+    """The exact law of a one-block chain after `steps` steps (algorithms.md section 1).
 
-    It starts from a proposal draw (law p) and each step resamples from a uniform index m. With
+    It starts from a proposal draw and each step resamples from a uniform index m. With
     `length_term=False` it is the published code's chain, without log(L / L').
     """
     states = completions(max_tokens)
     index = {y: i for i, y in enumerate(states)}
     logp = {y: sequence_logprob(table, y) for y in states}
+    logq = {y: sequence_logprob(table, y, proposal_temperature) for y in states}
     kernel = np.zeros((len(states), len(states)))
     for y in states:
         for m in range(len(y)):
             for z in states:  # proposals from index m: completions sharing y's first m tokens
                 if z[:m] != y[:m] or len(z) <= m:
                     continue
-                log_q = logp[z] - sequence_logprob(table, z[:m])
-                # with q = p the ratio is (alpha - 1) * (log p(z) - log p(y)) + log(L / L')
-                log_a = (alpha - 1) * (logp[z] - logp[y])
+                # the shared prefix cancels out of every difference below
+                log_a = alpha * (logp[z] - logp[y]) + (logq[y] - logq[z])
                 if length_term:
                     log_a += math.log(len(y) / len(z))
-                kernel[index[y], index[z]] += math.exp(log_q) / len(y) * min(1.0, math.exp(log_a))
+                q_suffix = logq[z] - sequence_logprob(table, z[:m], proposal_temperature)
+                kernel[index[y], index[z]] += math.exp(q_suffix) / len(y) * min(1.0, math.exp(log_a))
         kernel[index[y], index[y]] += 1.0 - kernel[index[y]].sum()
-    law = np.array([math.exp(logp[y]) for y in states])
+    law = np.array([math.exp(logq[y]) for y in states])
     for _ in range(steps):
         law = law @ kernel
     return dict(zip(states, law))
