@@ -14,7 +14,6 @@ selfreward: on GSM8K test prompts (the chat template, the embedded SmolLM2), the
 """
 
 import argparse
-import asyncio
 import datetime
 import json
 import logging
@@ -24,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -47,37 +45,21 @@ def _header(argv: list[str]) -> dict:
 
 
 def fidelity(args: argparse.Namespace) -> dict:
-    from samplers import DecodeParams, Spend
-    from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
-    from samplers.vllm_engine import VllmModel
-    from server.__main__ import parse_args
+    from samplers import DecodeParams
+    from samplers.power_mcmc import PowerMCMCParams
     from tests import tiny_models as tm
 
     max_tokens = 3
     directory = tm.build(Path(tempfile.mkdtemp()), seed=0, sharpness=12.0, eos_bias=1.0)
     table = tm.next_token_logprobs(directory, tm.PROMPT, max_tokens)
     target = tm.power_distribution(table, max_tokens, ALPHA)
-    model = VllmModel.create(parse_args([
-        "--model", str(directory), "--enforce-eager", "--dtype", "float32", "--max-model-len", "64",
-        "--kv-cache-memory-bytes", str(256 << 20)]))
-    loop = asyncio.new_event_loop()
+    drawer = tm.ChainDrawer(directory)
 
     def empirical(steps: int, temperature: float, block_size: int) -> tuple[float, float]:
         """TV of `args.chains` chains' completions to p^alpha, and engine tokens per completion."""
         params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=steps, block_size=block_size,
                                  proposal_temperature=temperature)
-
-        async def request():
-            spend = Spend()
-            decode = DecodeParams(max_tokens=max_tokens, n=64)
-            deltas = [d async for d in PowerMCMCSampler().sample(model, tm.PROMPT, decode, params,
-                                                                 uuid.uuid4().hex, spend)]
-            return deltas, spend
-
-        async def everything():
-            return await asyncio.gather(*(request() for _ in range(args.chains // 64)))
-
-        results = loop.run_until_complete(everything())
+        results = drawer.draw(args.chains, DecodeParams(max_tokens=max_tokens), params)
         counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
         total = sum(counts.values())
         tokens = sum(s.generated + s.scored for _, s in results) / total
@@ -95,11 +77,7 @@ def fidelity(args: argparse.Namespace) -> dict:
             curves[label] = points
         paper_tv, paper_tokens = empirical(10, 1 / ALPHA, block_size=math.ceil(max_tokens / 16))
     finally:
-        model.shutdown()
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        drawer.close()
     reference = {
         "plain sampling": tm.total_variation(tm.tempered_distribution(table, max_tokens, 1.0), target),
         "temperature 1/alpha": tm.total_variation(tm.tempered_distribution(table, max_tokens, 1 / ALPHA), target),

@@ -6,18 +6,14 @@ steps (its 15 x 15 transition kernel). EOS carries about half of p^alpha's mass,
 of different lengths compete and the length term matters.
 """
 
-import asyncio
 import math
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import replace
 
 import pytest
 
-from samplers import DecodeParams, Spend
-from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
-from samplers.vllm_engine import VllmModel
-from server.__main__ import parse_args
+from samplers import DecodeParams
+from samplers.power_mcmc import PowerMCMCParams
 from tests import tiny_models as tm
 
 ALPHA = 4.0
@@ -31,46 +27,16 @@ FAILURE_PROBABILITY = 1e-4
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    # vLLM's output-handler task lives in this loop; end it before closing the loop, or the
-    # interpreter hangs at exit.
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     directory = tm.build(tmp_path_factory.mktemp("tiny"), SEED, SHARPNESS, EOS_TILT)
     return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny, loop):
-    args = parse_args(["--model", str(tiny[0]), "--enforce-eager", "--dtype", "float32",
-                       "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20)])
-    model = VllmModel.create(args)
-    yield model
-    model.shutdown()
-
-
-def draw(loop, engine, chains: int, decode: DecodeParams, params: PowerMCMCParams):
-    """`chains` independent chains, 64 to a request, all requests at once."""
-
-    async def one_request(n: int):
-        spend = Spend()
-        deltas = PowerMCMCSampler().sample(engine, tm.PROMPT, replace(decode, n=n), params,
-                                           uuid.uuid4().hex, spend)
-        return [d async for d in deltas], spend
-
-    async def all_requests():
-        return await asyncio.gather(*(one_request(64) for _ in range(chains // 64)))
-
-    return loop.run_until_complete(all_requests())
+def drawer(tiny):
+    drawer = tm.ChainDrawer(tiny[0])
+    yield drawer
+    drawer.close()
 
 
 def noise_bound(target: dict, samples: int) -> float:
@@ -84,7 +50,7 @@ def noise_bound(target: dict, samples: int) -> float:
     return mean + math.sqrt(math.log(1 / FAILURE_PROBABILITY) / (2 * samples))
 
 
-def test_chain_matches_exact_power_distribution(loop, engine, tiny):
+def test_chain_matches_exact_power_distribution(drawer, tiny):
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
     chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS)
@@ -92,8 +58,8 @@ def test_chain_matches_exact_power_distribution(loop, engine, tiny):
     plain = tm.tempered_distribution(table, MAX_TOKENS, 1.0)
     low_temperature = tm.tempered_distribution(table, MAX_TOKENS, 1 / ALPHA)
 
-    results = draw(loop, engine, CHAINS, DecodeParams(max_tokens=MAX_TOKENS),
-                   PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS,
+    results = drawer.draw(CHAINS, DecodeParams(max_tokens=MAX_TOKENS),
+                          PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS,
                                    proposal_temperature=1.0))
     counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
     assert sum(counts.values()) == CHAINS
@@ -113,12 +79,12 @@ def test_chain_matches_exact_power_distribution(loop, engine, tiny):
     assert 0 < spend.events["accepted"] < spend.events["proposals"]
 
 
-def test_stored_log_p_and_log_q_are_exact(loop, engine, tiny):
+def test_stored_log_p_and_log_q_are_exact(drawer, tiny):
     """With a tempered, top-k proposal the chain's log p comes from scoring and log q from the
     engine's processed logprobs; both equal the float64 reference."""
     _, table = tiny
-    [(deltas, spend)] = draw(loop, engine, 64, DecodeParams(max_tokens=MAX_TOKENS, top_k=2, logprobs=0),
-                             PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=2, block_size=1))
+    [(deltas, spend)] = drawer.draw(64, DecodeParams(max_tokens=MAX_TOKENS, top_k=2, logprobs=0),
+                                    PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=2, block_size=1))
     for delta in deltas:
         for t, entry in enumerate(delta.logprobs):
             assert entry.logprob == pytest.approx(table[tuple(delta.token_ids[:t])][entry.token_id], abs=1e-4)
@@ -127,12 +93,12 @@ def test_stored_log_p_and_log_q_are_exact(loop, engine, tiny):
     async def proposals() -> dict[int, list]:
         decode = DecodeParams(max_tokens=MAX_TOKENS, temperature=0.25, top_k=2, logprobs=0, n=16)
         by_choice = defaultdict(list)
-        async for batch in engine.decode(tm.PROMPT, decode, uuid.uuid4().hex):
+        async for batch in drawer.model.decode(tm.PROMPT, decode, uuid.uuid4().hex):
             for delta in batch:
                 by_choice[delta.index] += delta.logprobs
         return by_choice
 
-    for entries in loop.run_until_complete(proposals()).values():
+    for entries in drawer.run(proposals()).values():
         prefix = ()
         for entry in entries:
             row = table[prefix] / 0.25

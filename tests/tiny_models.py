@@ -5,13 +5,21 @@ either end with EOS or are cut at T. vLLM's CPU attention needs head_dim >= 32, 
 hidden size 64 with two heads; float32 keeps its logprobs within about 1e-6 of a float64 forward.
 """
 
+import asyncio
 import itertools
 import json
 import math
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from samplers import ChoiceDelta, DecodeParams, Spend
+from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
+from samplers.vllm_engine import VllmModel
+from server.__main__ import parse_args
 
 VOCAB = {"a": 0, "b": 1, "</s>": 2}
 EOS = VOCAB["</s>"]
@@ -125,3 +133,41 @@ def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
     for _ in range(steps):
         law = law @ kernel
     return dict(zip(states, law))
+
+
+class ChainDrawer:
+    """A real vLLM engine on a tiny model, with an event loop of its own, that draws power_mcmc chains."""
+
+    def __init__(self, directory: Path):
+        self.loop = asyncio.new_event_loop()
+        self.model = VllmModel.create(parse_args([
+            "--model", str(directory), "--enforce-eager", "--dtype", "float32",
+            "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20)]))
+
+    def run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def draw(self, chains: int, decode: DecodeParams, params: PowerMCMCParams
+             ) -> list[tuple[list[ChoiceDelta], Spend]]:
+        """`chains` independent chains, 64 to a request, all requests at once."""
+
+        async def one_request() -> tuple[list[ChoiceDelta], Spend]:
+            spend = Spend()
+            deltas = PowerMCMCSampler().sample(self.model, PROMPT, replace(decode, n=64), params,
+                                               uuid.uuid4().hex, spend)
+            return [d async for d in deltas], spend
+
+        async def all_requests():
+            return await asyncio.gather(*(one_request() for _ in range(chains // 64)))
+
+        return self.run(all_requests())
+
+    def close(self) -> None:
+        self.model.shutdown()
+        # vLLM's output-handler task lives in this loop; end it before closing the loop, or the
+        # interpreter hangs at exit.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
