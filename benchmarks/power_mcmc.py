@@ -46,20 +46,20 @@ def _header(argv: list[str]) -> dict:
 
 def fidelity(args: argparse.Namespace) -> dict:
     from samplers import DecodeParams
-    from samplers.power_mcmc import PowerMCMCParams
+    from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
     from tests import tiny_models as tm
 
     max_tokens = 3
     directory = tm.build(Path(tempfile.mkdtemp()), seed=0, sharpness=12.0, eos_bias=1.0)
     table = tm.next_token_logprobs(directory, tm.PROMPT, max_tokens)
     target = tm.power_distribution(table, max_tokens, ALPHA)
-    drawer = tm.ChainDrawer(directory)
+    drawer = tm.TinyEngine(directory)
 
     def empirical(steps: int, temperature: float, block_size: int) -> tuple[float, float]:
         """TV of `args.chains` chains' completions to p^alpha, and engine tokens per completion."""
         params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=steps, block_size=block_size,
                                  proposal_temperature=temperature)
-        results = drawer.draw(args.chains, DecodeParams(max_tokens=max_tokens), params)
+        results = drawer.draw(PowerMCMCSampler(), args.chains, DecodeParams(max_tokens=max_tokens), params)
         counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
         total = sum(counts.values())
         tokens = sum(s.generated + s.scored for _, s in results) / total

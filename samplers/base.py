@@ -5,8 +5,10 @@ A sampler turns one prompt into `n` streamed completions. It sees the model only
 implements the protocol.
 """
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -91,6 +93,8 @@ class LanguageModel(Protocol):
     """
 
     processed_logprobs: bool
+    vocab_size: int
+    eos_token_ids: frozenset[int]  # the tokens that end a completion unless `ignore_eos`
 
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of the tokens, special tokens left out."""
@@ -116,6 +120,24 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+def check_power_request(sampler: str, decode: DecodeParams) -> None:
+    """Refuse the decoding options that would change a power sampler's target p^alpha."""
+    if decode.temperature != 1.0:
+        raise InvalidRequest(f"{sampler} targets p^power_alpha, where temperature has no role: "
+                             "sharpen with power_alpha.", param="temperature")
+    if decode.stop:
+        raise InvalidRequest(f"{sampler} cannot cut at stop strings, which would change its target; "
+                             "use stop_token_ids.", param="stop")
+    for option in ("min_tokens", "presence_penalty", "frequency_penalty"):
+        if getattr(decode, option):
+            raise InvalidRequest(f"{sampler} does not take {option}.", param=option)
+    if decode.repetition_penalty != 1.0:
+        raise InvalidRequest(f"{sampler} does not take repetition_penalty.", param="repetition_penalty")
+    if decode.logprobs:
+        raise InvalidRequest(f"{sampler} reports each token's base log p, without alternatives: "
+                             "ask for 0.", param="logprobs")
 
 
 class NoParams(BaseModel):
@@ -148,3 +170,64 @@ class Sampler(ABC):
         spend: Spend,
     ) -> AsyncIterator[ChoiceDelta]:
         """Stream the completions' deltas, recording the engine work in `spend` as it goes."""
+
+
+@dataclass
+class Completion:
+    """One finished choice of a `decode` call: its tokens and each token's reported log-probability."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Ended by EOS or a stop token (not cut at max_tokens)."""
+        return self.finish_reason == "stop"
+
+
+async def complete(model: LanguageModel, prompt_token_ids: list[int], params: DecodeParams,
+                   request_id: str) -> list[Completion]:
+    """Run `decode` to the end and return its `params.n` completions, with logprobs if asked for."""
+    completions = [Completion() for _ in range(params.n)]
+    async with aclosing(model.decode(prompt_token_ids, params, request_id)) as batches:
+        async for batch in batches:
+            for delta in batch:
+                done = completions[delta.index]
+                done.token_ids += delta.token_ids
+                done.logprobs += [t.logprob for t in delta.logprobs or ()]
+                if delta.finish_reason is not None:
+                    done.finish_reason, done.stop_reason = delta.finish_reason, delta.stop_reason
+    return completions
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator:
+    """Interleave several async streams as their items arrive; closing this closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator) -> None:
+        try:
+            async with aclosing(stream) as items:
+                async for item in items:
+                    await queue.put(item)
+            await queue.put(done)
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -27,6 +27,8 @@ from samplers.base import (
     Sampler,
     Spend,
     TokenLogprob,
+    check_power_request,
+    complete,
 )
 
 
@@ -82,22 +84,7 @@ class PowerMCMCSampler(Sampler):
     Params = PowerMCMCParams
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerMCMCParams) -> None:
-        if decode.temperature != 1.0:
-            raise InvalidRequest(
-                "power_mcmc targets p^power_alpha, where temperature has no role: sharpen with "
-                "power_alpha and set the proposal with proposal_temperature.", param="temperature")
-        if decode.stop:
-            raise InvalidRequest("power_mcmc cannot cut at stop strings, which would change its "
-                                 "target; use stop_token_ids.", param="stop")
-        for field in ("min_tokens", "presence_penalty", "frequency_penalty"):
-            if getattr(decode, field):
-                raise InvalidRequest(f"power_mcmc does not take {field}.", param=field)
-        if decode.repetition_penalty != 1.0:
-            raise InvalidRequest("power_mcmc does not take repetition_penalty.",
-                                 param="repetition_penalty")
-        if decode.logprobs:
-            raise InvalidRequest("power_mcmc reports each token's base log p, without alternatives: "
-                                 "ask for 0.", param="logprobs")
+        check_power_request(self.name, decode)
         if not model.processed_logprobs and not _proposal_is_base(decode, params):
             raise InvalidRequest(
                 "This server's engine reports raw logprobs, so only the untruncated temperature-1 "
@@ -198,17 +185,13 @@ class _ChainRun:
             ignore_eos=self.decode.ignore_eos,
             logprobs=0,
         )
-        tokens, logq, finish, stop_reason = [], [], None, None
-        async for batch in self.model.decode(prefix, params, request_id):
-            for delta in batch:
-                tokens += delta.token_ids
-                logq += [t.logprob for t in delta.logprobs]
-                finish, stop_reason = delta.finish_reason or finish, delta.stop_reason
+        [draw] = await complete(self.model, prefix, params, request_id)
+        tokens, logq = draw.token_ids, draw.logprobs
         self.spend.generated += len(tokens)
         if self.q_is_p:
             logp = logq
         else:
             logp = await self.model.score(prefix + tokens, len(prefix), f"{request_id}-score")
             self.spend.scored += len(prefix) + len(tokens)
-        return Segment(tokens, logp, logq, ended=finish == "stop", stop_reason=stop_reason)
+        return Segment(tokens, logp, logq, ended=draw.ended, stop_reason=draw.stop_reason)
 

@@ -29,6 +29,7 @@ class VllmModel:
         self.max_model_len: int = engine.model_config.max_model_len
         self.vocab_size: int = engine.model_config.get_vocab_size()
         self.processed_logprobs = engine.model_config.logprobs_mode == PROCESSED_LOGPROBS
+        self.eos_token_ids = _eos_token_ids(engine, self.tokenizer)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +88,16 @@ class VllmModel:
             TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id
         ):
             yield [_choice_delta(o, params.logprobs) for o in output.outputs]
+
+
+def _eos_token_ids(engine: AsyncLLM, tokenizer) -> frozenset[int]:
+    """The tokens that end a completion, as vLLM decides them: the tokenizer's EOS and the
+    generation config's `eos_token_id` (an int or a list)."""
+    extra = engine.model_config.try_get_generation_config().get("eos_token_id", [])
+    ids = {extra} if isinstance(extra, int) else set(extra)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 def _sampling_params(params: DecodeParams) -> SamplingParams:

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from samplers import REGISTRY, ChoiceDelta, Sampler, Spend, TokenLogprob
+from samplers import REGISTRY, ChoiceDelta, Sampler, Spend, TokenLogprob, merge_streams
 from server import protocol as p
 from server.errors import APIError, bad_request, from_exception
 from server.metrics import RequestMetrics
@@ -156,7 +156,7 @@ class Run:
                                                     f"{self.request_id}-{i}", self.spend))
             for i, ids in enumerate(self.prompts)
         ]
-        merged = streams[0] if len(streams) == 1 else _merge(streams)
+        merged = streams[0] if len(streams) == 1 else merge_streams(streams)
         async with aclosing(merged) as stream:
             async for delta in stream:
                 self.choices[delta.index].add(delta)
@@ -206,37 +206,6 @@ def _checked_prompt(model, ids: list[int]) -> list[int]:
     if any(not 0 <= t < vocab for t in ids):
         raise bad_request(f"Prompt token ids must lie in [0, {vocab}).", param="prompt")
     return ids
-
-
-async def _merge(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
-    """Interleave several delta streams as their items arrive; closing this closes them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:
-        try:
-            async with aclosing(stream) as items:
-                async for item in items:
-                    await queue.put(item)
-            await queue.put(done)
-        except Exception as exc:
-            await queue.put(exc)
-
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Format:

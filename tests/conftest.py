@@ -117,3 +117,20 @@ def tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def assert_base_logprobs(model_dir: Path, choices, tolerance: float = 2e-3) -> None:
+    """Each choice's token logprobs are the base model's own log p (temperature 1), by a float32
+    Hugging Face forward pass over prompt and completion."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for choice in choices:
+        ids = choice.prompt_token_ids + choice.token_ids
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        start = len(choice.prompt_token_ids)
+        for i, token_id in enumerate(choice.token_ids):
+            assert choice.logprobs.token_logprobs[i] == pytest.approx(
+                reference[start + i - 1, token_id].item(), abs=tolerance)

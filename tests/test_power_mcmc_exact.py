@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from samplers import DecodeParams
-from samplers.power_mcmc import PowerMCMCParams
+from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
 from tests import tiny_models as tm
 
 ALPHA = 4.0
@@ -34,20 +34,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def drawer(tiny):
-    drawer = tm.ChainDrawer(tiny[0])
+    drawer = tm.TinyEngine(tiny[0])
     yield drawer
     drawer.close()
-
-
-def noise_bound(target: dict, samples: int) -> float:
-    """TV(empirical, law) stays below this with probability 1 - FAILURE_PROBABILITY.
-
-    E[TV] <= 1/2 sum_y sqrt(law(y)(1 - law(y)) / S) (Cauchy-Schwarz per outcome), and TV is a
-    function of S independent draws that moves by at most 1/S when one draw changes, so by
-    McDiarmid it exceeds its mean by t with probability at most exp(-2 S t^2).
-    """
-    mean = 0.5 * sum(math.sqrt(p * (1 - p) / samples) for p in target.values())
-    return mean + math.sqrt(math.log(1 / FAILURE_PROBABILITY) / (2 * samples))
 
 
 def test_chain_matches_exact_power_distribution(drawer, tiny):
@@ -58,7 +47,7 @@ def test_chain_matches_exact_power_distribution(drawer, tiny):
     plain = tm.tempered_distribution(table, MAX_TOKENS, 1.0)
     low_temperature = tm.tempered_distribution(table, MAX_TOKENS, 1 / ALPHA)
 
-    results = drawer.draw(CHAINS, DecodeParams(max_tokens=MAX_TOKENS),
+    results = drawer.draw(PowerMCMCSampler(), CHAINS, DecodeParams(max_tokens=MAX_TOKENS),
                           PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS,
                                    proposal_temperature=1.0))
     counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
@@ -66,7 +55,7 @@ def test_chain_matches_exact_power_distribution(drawer, tiny):
     empirical = {y: c / CHAINS for y, c in counts.items()}
 
     bias = tm.total_variation(chain_law, target)  # what STEPS steps leave of the start (~1e-4)
-    bound = bias + noise_bound(target, CHAINS)
+    bound = bias + tm.noise_bound(target, CHAINS, FAILURE_PROBABILITY)
     assert tm.total_variation(empirical, target) < bound
     # The test has the power to tell: every wrong sampler is further than the bound, and would
     # be with the same probability.
@@ -83,7 +72,7 @@ def test_stored_log_p_and_log_q_are_exact(drawer, tiny):
     """With a tempered, top-k proposal the chain's log p comes from scoring and log q from the
     engine's processed logprobs; both equal the float64 reference."""
     _, table = tiny
-    [(deltas, spend)] = drawer.draw(64, DecodeParams(max_tokens=MAX_TOKENS, top_k=2, logprobs=0),
+    [(deltas, spend)] = drawer.draw(PowerMCMCSampler(), 64, DecodeParams(max_tokens=MAX_TOKENS, top_k=2, logprobs=0),
                                     PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=2, block_size=1))
     for delta in deltas:
         for t, entry in enumerate(delta.logprobs):

@@ -1,9 +1,8 @@
 """power_mcmc on the embedded model over HTTP: spend reporting, base logprobs, streaming, errors."""
 
 import pytest
-import torch
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, assert_base_logprobs
 from tests.test_errors import assert_error, complete
 from tests.test_metrics_and_cancel import leave_mid_request, scrape
 
@@ -12,8 +11,6 @@ POWER = {"sampler": "power_mcmc", "mcmc_steps": 2, "block_size": 4}
 
 
 def test_spend_and_base_logprobs(live_server, client):
-    from transformers import AutoModelForCausalLM
-
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, logprobs=0, seed=7,
                                   extra_body={**POWER, "return_token_ids": True, "ignore_eos": True})
     usage = r.sampler_usage
@@ -23,15 +20,7 @@ def test_spend_and_base_logprobs(live_server, client):
         usage["events"]["accepted"] / usage["events"]["proposals"])
     assert usage["engine_tokens_generated"] >= r.usage.completion_tokens == 16
     assert usage["engine_tokens_scored"] > 0  # proposal at temperature 1/4: log p is scored
-    model = AutoModelForCausalLM.from_pretrained(live_server.model_dir, dtype=torch.float32)
-    for choice in r.choices:
-        ids = choice.prompt_token_ids + choice.token_ids
-        with torch.no_grad():
-            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
-        start = len(choice.prompt_token_ids)
-        for i, token_id in enumerate(choice.token_ids):  # the base model's log p, not the proposal's
-            assert choice.logprobs.token_logprobs[i] == pytest.approx(
-                reference[start + i - 1, token_id].item(), abs=2e-3)
+    assert_base_logprobs(live_server.model_dir, r.choices)  # the base model's, not the proposal's
 
 
 def test_stream_delivers_the_same_completion_as_non_stream(client):

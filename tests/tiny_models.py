@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
-from samplers import ChoiceDelta, DecodeParams, Spend
-from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
+from samplers import ChoiceDelta, DecodeParams, Sampler, Spend
 from samplers.vllm_engine import VllmModel
 from server.__main__ import parse_args
 
@@ -105,6 +105,17 @@ def total_variation(a: dict, b: dict) -> float:
     return 0.5 * sum(abs(a.get(y, 0.0) - b.get(y, 0.0)) for y in set(a) | set(b))
 
 
+def noise_bound(law: dict, samples: int, failure_probability: float) -> float:
+    """TV(empirical, law) of `samples` independent draws stays below this but with the given probability.
+
+    E[TV] <= 1/2 sum_y sqrt(law(y)(1 - law(y)) / S) (Cauchy-Schwarz per outcome), and TV is a
+    function of S independent draws that moves by at most 1/S when one draw changes, so by
+    McDiarmid it exceeds its mean by t with probability at most exp(-2 S t^2).
+    """
+    mean = 0.5 * sum(math.sqrt(p * (1 - p) / samples) for p in law.values())
+    return mean + math.sqrt(math.log(1 / failure_probability) / (2 * samples))
+
+
 def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
                       proposal_temperature: float = 1.0, length_term: bool = True) -> dict:
     """The exact law of a one-block chain after `steps` steps (algorithms.md section 1).
@@ -135,8 +146,8 @@ def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
     return dict(zip(states, law))
 
 
-class ChainDrawer:
-    """A real vLLM engine on a tiny model, with an event loop of its own, that draws power_mcmc chains."""
+class TinyEngine:
+    """A real vLLM engine on a tiny model, with an event loop of its own, that draws completions."""
 
     def __init__(self, directory: Path):
         self.loop = asyncio.new_event_loop()
@@ -147,18 +158,25 @@ class ChainDrawer:
     def run(self, coroutine):
         return self.loop.run_until_complete(coroutine)
 
-    def draw(self, chains: int, decode: DecodeParams, params: PowerMCMCParams
+    def draw(self, sampler: Sampler, count: int, decode: DecodeParams, params: BaseModel
              ) -> list[tuple[list[ChoiceDelta], Spend]]:
-        """`chains` independent chains, 64 to a request, all requests at once."""
+        """`count` independent completions of PROMPT, 64 to a request, all requests at once; each
+        request's choices (their deltas joined) and spend."""
 
         async def one_request() -> tuple[list[ChoiceDelta], Spend]:
             spend = Spend()
-            deltas = PowerMCMCSampler().sample(self.model, PROMPT, replace(decode, n=64), params,
-                                               uuid.uuid4().hex, spend)
-            return [d async for d in deltas], spend
+            choices = [ChoiceDelta(i, [], "", None if decode.logprobs is None else []) for i in range(64)]
+            async for delta in sampler.sample(self.model, PROMPT, replace(decode, n=64), params,
+                                              uuid.uuid4().hex, spend):
+                choice = choices[delta.index]
+                choice.token_ids += delta.token_ids
+                choice.text += delta.text
+                choice.logprobs = None if delta.logprobs is None else choice.logprobs + delta.logprobs
+                choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+            return choices, spend
 
         async def all_requests():
-            return await asyncio.gather(*(one_request() for _ in range(chains // 64)))
+            return await asyncio.gather(*(one_request() for _ in range(count // 64)))
 
         return self.run(all_requests())
 
@@ -171,3 +189,72 @@ class ChainDrawer:
             task.cancel()
         self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
+
+
+def suffixes(table: dict, prefix: tuple, max_tokens: int) -> tuple[list[tuple], np.ndarray]:
+    """Every way `prefix` (not ended) can go on to a completion, with its log p given the prefix."""
+    base = sequence_logprob(table, prefix)
+    after = [y[len(prefix):] for y in completions(max_tokens) if y[:len(prefix)] == prefix and len(y) > len(prefix)]
+    return after, np.array([sequence_logprob(table, prefix + s) - base for s in after])
+
+
+def scalable_step_law(table: dict, prefix: tuple, max_tokens: int, alpha: float, rollouts: int,
+                      jackknife: bool, reps: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The law of power_scalable's next token after `prefix`, token level with every token a
+    candidate and rollouts to the end: E over the rollouts of the candidate probabilities.
+
+    Monte Carlo over `reps` sets of rollouts; returns the law and its standard errors.
+    """
+    from samplers.power_scalable import candidate_probabilities
+
+    tokens = sorted(VOCAB.values())
+    rollout_logp = np.zeros((reps, len(tokens), rollouts))
+    for c in tokens:
+        if c != EOS and len(prefix) + 1 < max_tokens:
+            _, logp = suffixes(table, prefix + (c,), max_tokens)
+            rollout_logp[:, c] = rng.choice(logp, size=(reps, rollouts), p=np.exp(logp))
+    probabilities = candidate_probabilities(alpha * table[prefix][tokens], rollout_logp, alpha, jackknife)
+    return probabilities.mean(axis=0), probabilities.std(axis=0) / math.sqrt(reps)
+
+
+def scalable_distribution(table: dict, max_tokens: int, alpha: float, rollouts: int, jackknife: bool,
+                          reps: int, seed: int = 0) -> tuple[dict, float]:
+    """The law of a power_scalable completion (token level, every token a candidate), and a bound
+    on its Monte Carlo error in total variation.
+
+    A completion's law is the product of its step laws. TV between two such sequential laws is at
+    most the sum over steps of the expected TV of the step laws (couple step by step), and each
+    step's error is below 5 standard errors per token with overwhelming probability.
+    """
+    rng = np.random.default_rng(seed)
+    steps = {}
+    for n in range(max_tokens):
+        for prefix in itertools.product([t for t in VOCAB.values() if t != EOS], repeat=n):
+            steps[prefix] = scalable_step_law(table, prefix, max_tokens, alpha, rollouts, jackknife,
+                                              reps, rng)
+    law = {}
+    for y in completions(max_tokens):
+        law[y] = math.prod(steps[y[:t]][0][token] for t, token in enumerate(y))
+    error = 0.0
+    for prefix, (_, standard_error) in steps.items():
+        reach = sum(q for y, q in law.items() if y[:len(prefix)] == prefix and len(y) > len(prefix))
+        error += reach * 0.5 * 5 * standard_error.sum()
+    return law, error
+
+
+def block_choice_distribution(table: dict, max_tokens: int, alpha: float, draws: int, weighting: str,
+                              reps: int, seed: int = 0) -> tuple[dict, float]:
+    """The law of power_scalable's choice among `draws` whole completions drawn from p (one block
+    of max_tokens, nothing left to roll out, every distinct draw kept), and its Monte Carlo error.
+
+    Each draw weighs p^(alpha-1) ('importance') or p^alpha ('power'), so a completion drawn k
+    times weighs k times as much.
+    """
+    rng = np.random.default_rng(seed)
+    states = completions(max_tokens)
+    logp = np.array([sequence_logprob(table, y) for y in states])
+    counts = rng.multinomial(draws, np.exp(logp) / np.exp(logp).sum(), size=reps)
+    weights = counts * np.exp((alpha - (weighting == "importance")) * logp)
+    choice = weights / weights.sum(axis=1, keepdims=True)
+    error = 0.5 * 5 * (choice.std(axis=0) / math.sqrt(reps)).sum()
+    return dict(zip(states, choice.mean(axis=0))), error

@@ -1,0 +1,131 @@
+"""power_scalable against exact laws on a tiny random Llama, through the real vLLM engine.
+
+The model and prompt are those of the power_mcmc test (tests/tiny_models.py): 3 tokens, completions
+of at most 3 tokens, 15 outcomes. At token level every token is a candidate and rollouts run to the
+end, so the only approximation left is the finite number of rollouts M. The law of the algorithm at
+a given M (the expected candidate probabilities at each prefix, multiplied along a completion) is
+computed by Monte Carlo over the rollouts with `candidate_probabilities`, whose arithmetic
+tests/test_power_scalable_math.py checks by hand; the engine's draws must follow that law, and the
+law must approach p^alpha as M grows.
+
+Every assertion on draws allows the McDiarmid noise bound of tiny_models.noise_bound (failure
+probability 1e-4 each) plus the reference's own Monte Carlo error bound.
+"""
+
+import functools
+from collections import Counter
+
+import pytest
+
+from samplers import DecodeParams
+from samplers.power_scalable import PowerScalableParams, PowerScalableSampler
+from tests import tiny_models as tm
+
+ALPHA = 4.0
+MAX_TOKENS = 3
+SEED, SHARPNESS, EOS_TILT = 0, 12.0, 1.0  # p and temperature 1/alpha are 0.39 and 0.45 from p^4
+FAILURE_PROBABILITY = 1e-4
+REFERENCE_REPS = 200_000
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tm.build(tmp_path_factory.mktemp("tiny"), SEED, SHARPNESS, EOS_TILT)
+    return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    engine = tm.TinyEngine(tiny[0])
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def target(tiny):
+    return tm.power_distribution(tiny[1], MAX_TOKENS, ALPHA)
+
+
+@pytest.fixture(scope="module")
+def law_of(tiny):
+    """The law of the token-level algorithm at M rollouts, and its Monte Carlo error bound."""
+    return functools.cache(lambda rollouts, jackknife: tm.scalable_distribution(
+        tiny[1], MAX_TOKENS, ALPHA, rollouts, jackknife, REFERENCE_REPS))
+
+
+def draw(engine, samples: int, **params) -> tuple[dict, list]:
+    results = engine.draw(PowerScalableSampler(), samples, DecodeParams(max_tokens=MAX_TOKENS),
+                          PowerScalableParams(power_alpha=ALPHA, **params))
+    counts = Counter(tuple(choice.token_ids) for choices, _ in results for choice in choices)
+    assert sum(counts.values()) == samples
+    return {y: c / samples for y, c in counts.items()}, results
+
+
+def token_level(rollouts: int, jackknife: bool) -> dict:
+    return dict(block_size=1, candidates=len(tm.VOCAB), rollouts=rollouts, jackknife=jackknife,
+                rollout_horizon=MAX_TOKENS)
+
+
+def test_token_level_matches_power_distribution(engine, tiny, target, law_of):
+    law, reference_error = law_of(8, True)
+    bias = tm.total_variation(law, target)  # what 8 rollouts with the jackknife leave (~0.002)
+    samples = 1024
+    bound = bias + reference_error + tm.noise_bound(target, samples, FAILURE_PROBABILITY)
+    empirical, results = draw(engine, samples, **token_level(8, jackknife=True))
+    assert tm.total_variation(empirical, target) < bound
+    low_temperature = tm.tempered_distribution(tiny[1], MAX_TOKENS, 1 / ALPHA)
+    # The test can tell: temperature 1/alpha, the per-token sharpening, is far outside the bound.
+    assert tm.total_variation(low_temperature, target) > 2 * bound
+    assert tm.total_variation(empirical, low_temperature) > bound
+
+    spend = results[0][1]
+    decisions = sum(len(choice.token_ids) for choice in results[0][0])
+    assert spend.events["decisions"] == decisions
+    # Rollouts follow "a" and "b" wherever a token can still come after them: 2 x 8 per decision
+    # before the last position.
+    assert 0 < spend.events["rollouts"] <= 16 * decisions and spend.events["rollouts"] % 8 == 0
+    assert spend.scored == 0  # every log p comes from the engine's temperature-1 decoding
+
+
+@pytest.mark.parametrize("rollouts, jackknife, samples", [(1, False, 2048), (2, False, 1024), (2, True, 1024)])
+def test_draws_follow_the_algorithms_law_at_each_rollout_count(engine, law_of, rollouts, jackknife, samples):
+    law, reference_error = law_of(rollouts, jackknife)
+    empirical, _ = draw(engine, samples, **token_level(rollouts, jackknife))
+    assert tm.total_variation(empirical, law) < reference_error + tm.noise_bound(law, samples,
+                                                                                FAILURE_PROBABILITY)
+
+
+def test_error_falls_with_rollouts_and_the_jackknife_helps(engine, target, law_of):
+    def bias(rollouts: int, jackknife: bool) -> float:
+        return tm.total_variation(law_of(rollouts, jackknife)[0], target)
+
+    # Reference numbers: M=1 0.18, M=2 0.084 (0.013 with the jackknife), M=8 0.016 (0.002).
+    plain = [bias(m, False) for m in (1, 2, 8)]
+    assert plain[0] > plain[1] > plain[2]
+    assert bias(2, True) < plain[1] / 4
+    assert bias(8, True) < plain[2] / 4
+    # Through the engine, one rollout is visibly off target where eight with the jackknife were
+    # not: its draws sit further from p^alpha than the first test's bound for the same count.
+    samples = 2048
+    empirical, _ = draw(engine, samples, **token_level(1, jackknife=False))
+    assert tm.total_variation(empirical, target) > bias(8, True) + tm.noise_bound(target, samples,
+                                                                                FAILURE_PROBABILITY)
+
+
+@pytest.mark.parametrize("weighting", ["importance", "power"])
+def test_block_choice_follows_its_law(engine, tiny, target, weighting):
+    """One block of the whole completion: 32 draws from p, every distinct one a candidate, weighed
+    as drawn. Importance weights tend to p^alpha (TV 0.0045 at 32 draws); the paper's p^alpha
+    weights tend to p^(alpha+1) (0.035 from p^alpha)."""
+    law, reference_error = tm.block_choice_distribution(tiny[1], MAX_TOKENS, ALPHA, 32, weighting,
+                                                        REFERENCE_REPS)
+    samples = 1024
+    empirical, _ = draw(engine, samples, block_size=MAX_TOKENS, candidate_blocks=32,
+                        candidates=len(tm.completions(MAX_TOKENS)), block_weighting=weighting)
+    assert tm.total_variation(empirical, law) < reference_error + tm.noise_bound(law, samples,
+                                                                                FAILURE_PROBABILITY)
+    if weighting == "importance":
+        assert tm.total_variation(law, target) < 0.01
+    else:
+        assert tm.total_variation(law, tm.power_distribution(tiny[1], MAX_TOKENS, ALPHA + 1)) < \
+            tm.total_variation(law, target)
