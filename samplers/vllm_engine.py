@@ -48,6 +48,11 @@ class VllmModel:
         engine_args = AsyncEngineArgs.from_cli_args(args)
         if current_platform.is_cpu() and engine_args.kv_cache_memory_bytes is None:
             engine_args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        if current_platform.is_cpu() and engine_args.enable_chunked_prefill is None:
+            # After a partial (chunked) prefill vLLM rewinds a seeded request's generator with
+            # Generator.set_offset, which CPU generators lack: the engine dies as soon as concurrent
+            # seeded requests overflow one step's token budget.
+            engine_args.enable_chunked_prefill = False
         return cls(AsyncLLM.from_engine_args(engine_args))
 
     @property
