@@ -21,8 +21,13 @@ PROMETHEUS = Path(sys.prefix) / "prometheus/usr/bin/prometheus"  # unpacked by `
 PROMETHEUS_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 COMPOSE_TARGET = "server:8000"  # the server as docker-compose.yml names it
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
-# power_mcmc made cheap: one block of 8 tokens, two Metropolis-Hastings steps.
-SAMPLERS = {"direct": {}, "power_mcmc": {"mcmc_steps": 2, "block_size": 8}}
+# The power samplers made cheap: power_mcmc one block of 8 tokens and two Metropolis-Hastings
+# steps, power_scalable two blocks of 4 with two candidates and two short rollouts each.
+SAMPLERS = {"direct": {}, "power_mcmc": {"mcmc_steps": 2, "block_size": 8},
+            "power_scalable": {"block_size": 4, "candidates": 2, "rollouts": 2, "rollout_horizon": 4}}
+# Panels on one sampler's own events show only that sampler.
+EVENT_OWNERS = {"accepted": "power_mcmc", "proposals": "power_mcmc", "rollouts": "power_scalable",
+                "decisions": "power_scalable"}
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -126,8 +131,9 @@ def test_every_dashboard_query_returns_data(live_server: LiveServer, prometheus:
         if not finite:
             failures.append(f"{where}: {expr}\n  no data: {values}")
         elif any(dict(labels).get("sampler") for labels in values):
-            # By-sampler panels must show each sampler that was driven (events: power_mcmc's only).
-            expected = {"power_mcmc"} if "sampler_events" in expr else set(SAMPLERS)
+            # By-sampler panels must show each sampler that was driven, or the one whose events they plot.
+            owners = {sampler for event, sampler in EVENT_OWNERS.items() if f'event="{event}"' in expr}
+            expected = owners or set(SAMPLERS)
             shown = {dict(labels).get("sampler") for labels in finite}
             if not expected <= shown:
                 failures.append(f"{where}: {expr}\n  shows samplers {shown}, not {expected}")
