@@ -43,8 +43,16 @@ $(PROMETHEUS):
 	dpkg -x $(VENV)/debs/prometheus_*.deb $(VENV)/prometheus
 	touch $@
 
+# Every table of the README's Benchmarks section, in order; the JSON and plots go to benchmarks/results/.
+LOAD_SAMPLERS := --sampler direct --sampler 'power_scalable:{"candidates": 4, "rollouts": 4, "rollout_horizon": 16}'
 bench: install
+	$(PY) -m benchmarks.load run $(LOAD_SAMPLERS) --concurrency 1 4 8 --num-prompts 16
+	$(PY) -m benchmarks.quality --dataset arithmetic --prompts 32 --max-tokens 16 --sampler direct \
+		--sampler 'direct:{"temperature": 0.25}' --sampler 'power_scalable:{"block_size": 4}'
 	$(PY) -m benchmarks.vs_vllm
+	$(PY) -m benchmarks.power_sampling fidelity
+	$(PY) -m benchmarks.power_sampling latency
+	$(PY) -m benchmarks.power_sampling selfreward
 
 clean:
 	rm -rf $(VENV)

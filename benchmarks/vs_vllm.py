@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,19 @@ def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float) -
     tail = "\n".join((RESULTS / f"{name}.log").read_text(errors="replace").splitlines()[-40:])
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout}s"
     raise RuntimeError(f"The {name} server {state}; its log ends:\n{tail}")
+
+
+@contextlib.contextmanager
+def embedded_server(served: str, port: int) -> Iterator[str]:
+    """Our server on the embedded model for the length of a benchmark; yields its base URL."""
+    from server import embedded_model
+
+    process = start_server("ours", str(embedded_model.prepare()), served, port)
+    try:
+        wait_healthy("ours", process, port, 600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server("ours", process)
 
 
 def stop_server(name: str, proc: subprocess.Popen) -> None:

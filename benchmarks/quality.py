@@ -1,0 +1,209 @@
+"""`python -m benchmarks.quality`: answer accuracy, self-reward, length and latency per sampler.
+
+For a prompt set (GSM8K test questions from ../shared/data/gsm8k/test.jsonl, or generated
+arithmetic questions that the embedded 135M model can partly solve), each sampler answers every
+question as a chat message, one sampler after another (so each one's latency is measured under its
+own load only), `--concurrency` requests at a time, seed = question index.
+
+- Answer: the completion's last number (commas dropped, a trailing period too), compared as a
+  number with the reference (GSM8K's `#### N`).
+- Self-reward: the base model's log p of the completion given the prompt, temperature 1, from a
+  float32 Hugging Face forward pass over the token ids the server returns (`return_token_ids`);
+  reported per token and per completion.
+- Spend: engine tokens per output token, where the server reports `sampler_usage`.
+
+Each answer is appended to a JSONL file beside the output as it arrives, with the settings it was
+made under; a rerun with the same settings skips what is there, so an interrupted run resumes.
+Writes JSON (schema: benchmarks/schemas/quality.schema.json).
+"""
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import logging
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks.load import UsageError, parse_sampler, positive
+
+logger = logging.getLogger("benchmarks.quality")
+
+RESULTS = Path(__file__).parent / "results"
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+ANSWER_EXTRACTION = "the last number in the completion (commas and a trailing period dropped) equals the reference"
+
+
+def gsm8k(count: int) -> list[dict]:
+    if not GSM8K.exists():
+        raise UsageError(f"GSM8K is not at {GSM8K} (the shared data folder beside the repository)")
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:count]]
+    return [{"question": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", "")}
+            for r in rows]
+
+
+def arithmetic(count: int) -> list[dict]:
+    """Sums and differences of two numbers below 20, seeded: easy enough for a 135M model to get some right."""
+    rng = random.Random(0)
+    problems = []
+    for _ in range(count):
+        a, b = rng.randint(1, 19), rng.randint(1, 19)
+        op = rng.choice("+-")
+        a, b = (a, b) if op == "+" or a >= b else (b, a)
+        problems.append({"question": f"What is {a} {op} {b}? Answer with the number only.",
+                         "answer": str(a + b if op == "+" else a - b)})
+    return problems
+
+
+DATASETS = {"gsm8k": gsm8k, "arithmetic": arithmetic}
+
+
+def last_number(text: str) -> str | None:
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def is_correct(text: str, reference: str) -> bool:
+    answer = last_number(text)
+    try:
+        return answer is not None and float(answer) == float(reference)
+    except ValueError:
+        return False
+
+
+def evaluate(client, model: str, base_model: Path, problems: list[dict], samplers: dict[str, dict],
+             max_tokens: int, concurrency: int, records_path: Path, settings: dict) -> dict[str, dict]:
+    """Run every sampler on every problem (resuming from records_path); a summary per sampler."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    records = [json.loads(line) for line in records_path.read_text().splitlines()] if records_path.exists() else []
+    records = [r for r in records if r["settings"] == settings]
+    done = {(r["sampler"], r["index"]) for r in records}
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+
+    def answer(name: str, index: int) -> dict:
+        start = time.perf_counter()
+        r = client.chat.completions.create(
+            model=model, max_tokens=max_tokens, seed=index,
+            messages=[{"role": "user", "content": problems[index]["question"]}],
+            extra_body={**samplers[name], "return_token_ids": True})
+        return {"sampler": name, "index": index, "settings": settings, "latency_s": time.perf_counter() - start,
+                "prompt_token_ids": r.prompt_token_ids, "token_ids": r.choices[0].token_ids,
+                "text": r.choices[0].message.content, "sampler_usage": getattr(r, "sampler_usage", None)}
+
+    with ThreadPoolExecutor(concurrency) as pool, open(records_path, "a") as log:
+        for name in samplers:
+            todo = [i for i in range(len(problems)) if (name, i) not in done]
+            for record in tqdm(pool.map(functools.partial(answer, name), todo), total=len(todo), desc=name):
+                if record["token_ids"] is None:
+                    raise UsageError("the server returned no token ids: it must support `return_token_ids`")
+                ids = record["prompt_token_ids"] + record["token_ids"]
+                with torch.no_grad():  # the base model's log p of the completion, temperature 1
+                    logprobs = torch.log_softmax(base(torch.tensor([ids])).logits[0].double(), dim=-1)
+                start = len(record["prompt_token_ids"])
+                record["logp"] = sum(logprobs[start + t - 1, tok].item() for t, tok in enumerate(record["token_ids"]))
+                record["correct"] = is_correct(record["text"] or "", problems[record["index"]]["answer"])
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                records.append(record)
+    return {name: summarise([r for r in records if r["sampler"] == name and r["index"] < len(problems)])
+            for name in samplers}
+
+
+def summarise(rows: list[dict]) -> dict:
+    tokens = sum(len(r["token_ids"]) for r in rows)
+    spend = [r["sampler_usage"] for r in rows if r["sampler_usage"]]
+    latencies = sorted(r["latency_s"] for r in rows)
+    return {
+        "completions": len(rows),
+        "accuracy": statistics.mean(r["correct"] for r in rows),
+        "mean_logp_per_token": sum(r["logp"] for r in rows) / max(tokens, 1),
+        "mean_logp_per_completion": statistics.mean(r["logp"] for r in rows),
+        "mean_length": tokens / len(rows),
+        "mean_latency_s": statistics.mean(latencies),
+        "median_latency_s": statistics.median(latencies),
+        "p90_latency_s": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+        "engine_tokens_per_output_token": sum(
+            s["engine_tokens_generated"] + s["engine_tokens_scored"] for s in spend) / max(tokens, 1)
+        if len(spend) == len(rows) else None,
+    }
+
+
+def run(argv: list[str], base_url: str | None, model: str, api_key: str | None, base_model: Path | None,
+        dataset: str, prompts: int, samplers: dict[str, dict], max_tokens: int, concurrency: int,
+        output: Path) -> dict:
+    """Evaluate against base_url, or against our own server on the embedded model started for the run;
+    self-reward by base_model (default: the embedded model)."""
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    from benchmarks.vs_vllm import embedded_server
+    from server import embedded_model
+
+    problems = DATASETS[dataset](prompts)
+    settings = {"dataset": dataset, "max_tokens": max_tokens, "model": model}
+    with contextlib.ExitStack() as stack:
+        if base_url is None:
+            base_url = stack.enter_context(embedded_server(model, 8104))
+        client = OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=7200)
+        try:
+            summary = evaluate(client, model, base_model or embedded_model.prepare(), problems, samplers,
+                               max_tokens, concurrency, output.with_suffix(".jsonl"), settings)
+        except APIStatusError as exc:
+            raise UsageError(f"the server refused a request (HTTP {exc.status_code}): {exc.message}") from None
+        except APIConnectionError as exc:
+            raise UsageError(f"cannot reach {base_url}: {exc}") from None
+    return {
+        "command": " ".join(["python", "-m", "benchmarks.quality", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "server": {"base_url": base_url, "model": model}, "dataset": dataset, "prompts": len(problems),
+        "max_tokens": max_tokens, "concurrency": concurrency, "answer_extraction": ANSWER_EXTRACTION,
+        "samplers": samplers, "summary": summary,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours on the embedded model)")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="served model name (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    parser.add_argument("--base-model", type=Path,
+                        help="Hugging Face directory of the model whose log p is the self-reward (default: the embedded model)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="arithmetic")
+    parser.add_argument("--prompts", type=positive, default=16, help="the first N questions (default: %(default)s)")
+    parser.add_argument("--sampler", dest="samplers", type=parse_sampler, action="append",
+                        help="NAME or NAME:{json request fields}, repeatable (default: direct)")
+    parser.add_argument("--max-tokens", type=positive, default=128)
+    parser.add_argument("--concurrency", type=positive, default=8)
+    parser.add_argument("--output", type=Path, help="result JSON (default: results/quality_DATASET.json)")
+    args = parser.parse_args(argv)
+    output = args.output or RESULTS / f"quality_{args.dataset}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.base_model and not (args.base_model / "config.json").exists():
+            raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory")
+        report = run(argv, args.base_url, args.model, args.api_key, args.base_model, args.dataset, args.prompts,
+                     dict(args.samplers or [parse_sampler("direct")]), args.max_tokens, args.concurrency, output)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("Wrote %s", output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
