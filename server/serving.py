@@ -24,8 +24,10 @@ from server.metrics import RequestMetrics
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "direct"
-# An SSE comment: every SSE client, the OpenAI SDK's included, skips it.
-HEARTBEAT = ": keep-alive\n\n"
+# A blank line: to SSE an empty event, which every client skips. Not a ": comment" line: vLLM's
+# load generator strips each network chunk before parsing, so a comment arriving alone loses its
+# blank-line terminator, swallows the events after it, and the request counts as failed.
+HEARTBEAT = "\n"
 HEARTBEAT_S = 5.0
 
 
