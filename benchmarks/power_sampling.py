@@ -1,0 +1,235 @@
+"""`python -m benchmarks.power_sampling {fidelity,latency,selfreward}`: how exact, how fast and how
+good the power samplers are, each measured side by side in one run.
+
+fidelity: on the tiny enumerable Llama of the tests, total variation between independent
+  completions and the exact p^alpha. power_mcmc against MCMC steps, for proposal temperature
+  1/alpha (the paper's) and 1, beside the exact law of the chain after that many steps;
+  power_scalable (token level, every token a candidate) against rollouts M with and without the
+  jackknife, beside the algorithm's own law at that M. Both against engine tokens per completion.
+  Writes power_sampling_fidelity.json and .png.
+latency: on the embedded SmolLM2 through our server, wall-clock of each power configuration
+  against direct at the same max_tokens, 1 and 8 concurrent requests, beside the engine-token
+  multiplier. Writes power_sampling_latency.json.
+selfreward: the quality harness (benchmarks/quality.py) on GSM8K test prompts with the embedded
+  SmolLM2: mean base-model log p per token and per completion, answer accuracy and latency of
+  direct sampling, temperature 1/alpha, power_mcmc and power_scalable configurations, one sampler
+  after another, and each power_scalable configuration's latency over power_mcmc's. Resumable
+  through power_sampling_selfreward.jsonl. Writes power_sampling_selfreward.json.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks.vs_vllm import embedded_server
+
+logger = logging.getLogger("benchmarks.power_sampling")
+RESULTS = Path(__file__).parent / "results"
+ALPHA = 4.0
+
+# Request bodies of the configurations the latency and self-reward runs compare.
+MCMC = {"sampler": "power_mcmc", "power_alpha": ALPHA, "mcmc_steps": 10}
+SCALABLE = {
+    "power_scalable (defaults: blocks of 16, K=M=8, H=32)": {"sampler": "power_scalable", "power_alpha": ALPHA},
+    "power_scalable (defaults, the paper's power weighting)": {
+        "sampler": "power_scalable", "power_alpha": ALPHA, "block_weighting": "power"},
+    "power_scalable (blocks of 16, K=M=4, H=16)": {
+        "sampler": "power_scalable", "power_alpha": ALPHA, "candidates": 4, "rollouts": 4, "rollout_horizon": 16},
+    "power_scalable (token level, K=4, M=2, H=8)": {
+        "sampler": "power_scalable", "power_alpha": ALPHA, "block_size": 1, "candidates": 4, "rollouts": 2,
+        "rollout_horizon": 8},
+}
+
+
+def _header(argv: list[str]) -> dict:
+    return {
+        "command": " ".join(["python", "-m", "benchmarks.power_sampling", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+
+
+def fidelity(args: argparse.Namespace) -> dict:
+    from samplers import DecodeParams
+    from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
+    from samplers.power_scalable import PowerScalableParams, PowerScalableSampler
+    from tests import tiny_models as tm
+
+    max_tokens = 3
+    directory = tm.build(Path(tempfile.mkdtemp()), seed=0, sharpness=12.0, eos_bias=1.0)
+    table = tm.next_token_logprobs(directory, tm.PROMPT, max_tokens)
+    target = tm.power_distribution(table, max_tokens, ALPHA)
+    engine = tm.TinyEngine(directory)
+
+    def empirical(sampler, params) -> tuple[float, float]:
+        """TV of `args.samples` completions to p^alpha, and engine tokens per completion."""
+        results = engine.draw(sampler, args.samples, DecodeParams(max_tokens=max_tokens), params)
+        counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
+        total = sum(counts.values())
+        tokens = sum(s.generated + s.scored for _, s in results) / total
+        return tm.total_variation({y: c / total for y, c in counts.items()}, target), tokens
+
+    curves = {}
+    try:
+        for label, temperature in (("proposal temperature 1/alpha", 1 / ALPHA), ("proposal temperature 1", 1.0)):
+            points = []
+            for steps in args.steps:
+                params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=steps, block_size=max_tokens,
+                                         proposal_temperature=temperature)
+                tv, tokens = empirical(PowerMCMCSampler(), params)
+                exact = tm.total_variation(tm.mcmc_distribution(table, max_tokens, ALPHA, steps, temperature), target)
+                points.append({"steps": steps, "tv": tv, "exact_law_tv": exact, "engine_tokens_per_completion": tokens})
+                logger.info("power_mcmc %s, %d steps: TV %.3f (exact chain %.3f), %.1f engine tokens",
+                            label, steps, tv, exact, tokens)
+            curves[f"power_mcmc, {label}"] = points
+        for jackknife in (False, True):
+            points = []
+            for rollouts in args.rollouts:
+                if jackknife and rollouts < 2:
+                    continue
+                params = PowerScalableParams(power_alpha=ALPHA, block_size=1, candidates=len(tm.VOCAB),
+                                             rollouts=rollouts, rollout_horizon=max_tokens, jackknife=jackknife)
+                tv, tokens = empirical(PowerScalableSampler(), params)
+                law, _ = tm.scalable_distribution(table, max_tokens, ALPHA, rollouts, jackknife, args.reference_reps)
+                exact = tm.total_variation(law, target)
+                points.append({"rollouts": rollouts, "tv": tv, "exact_law_tv": exact,
+                               "engine_tokens_per_completion": tokens})
+                logger.info("power_scalable M=%d jackknife=%s: TV %.3f (its law %.3f), %.1f engine tokens",
+                            rollouts, jackknife, tv, exact, tokens)
+            curves[f"power_scalable, token level, {'with' if jackknife else 'no'} jackknife"] = points
+    finally:
+        engine.close()
+    reference = {
+        "plain sampling": tm.total_variation(tm.tempered_distribution(table, max_tokens, 1.0), target),
+        "temperature 1/alpha": tm.total_variation(tm.tempered_distribution(table, max_tokens, 1 / ALPHA), target),
+        "chain without the length term, 32 steps": tm.total_variation(
+            tm.mcmc_distribution(table, max_tokens, ALPHA, 32, 1.0, length_term=False), target),
+    }
+    noise = 0.5 * sum(math.sqrt(p * (1 - p) / args.samples) for p in target.values())
+    report = {"alpha": ALPHA, "max_tokens": max_tokens, "samples_per_point": args.samples,
+              "expected_tv_from_sampling_noise_at_most": noise, "curves": curves, "references": reference}
+    _plot(report, RESULTS / "power_sampling_fidelity.png")
+    return report
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = ("tab:orange", "tab:blue", "tab:olive", "tab:cyan")
+    for (label, points), colour in zip(report["curves"].items(), colours):
+        tokens = [p["engine_tokens_per_completion"] for p in points]
+        ax.plot(tokens, [p["tv"] for p in points], "o-", color=colour, label=f"{label} (vLLM, measured)")
+        ax.plot(tokens, [p["exact_law_tv"] for p in points], "--", color=colour, label=f"{label} (its exact law)")
+    for (label, tv), colour in zip(report["references"].items(), ("tab:green", "tab:red", "tab:purple")):
+        ax.axhline(tv, color=colour, linestyle=":", label=label)
+    ax.axhline(report["expected_tv_from_sampling_noise_at_most"], color="black", linewidth=0.5,
+               label="sampling-noise level")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("engine tokens per completion (generated + scored)")
+    ax.set_ylabel("total variation to exact p^alpha")
+    ax.set_title(f"Power samplers on a tiny random Llama, alpha = {report['alpha']:g}: fidelity against compute")
+    ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def latency(args: argparse.Namespace) -> dict:
+    from openai import OpenAI
+
+    configs = {"power_mcmc (16 blocks, 10 steps)": {**MCMC, "block_size": math.ceil(args.max_tokens / 16)},
+               **SCALABLE}
+    with embedded_server("smollm2", 8103) as base_url:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=3600)
+
+        def one(extra: dict, seed: int = 0) -> tuple[float, dict]:
+            start = time.perf_counter()
+            r = client.completions.create(model="smollm2", prompt=args.prompt, max_tokens=args.max_tokens,
+                                          seed=seed, extra_body={"ignore_eos": True, **extra})
+            spend, output = r.sampler_usage, r.usage.completion_tokens
+            generated = spend["engine_tokens_generated"] / output
+            return time.perf_counter() - start, {
+                "multiplier": generated + spend["engine_tokens_scored"] / output,
+                "generated_multiplier": generated, **spend}
+
+        def batch(extra: dict, concurrency: int) -> dict:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                # A seed per request, so that concurrent requests do not share their draws.
+                results = list(pool.map(one, [extra] * concurrency, range(concurrency)))
+            return {"wall_s": time.perf_counter() - start,
+                    "median_request_s": statistics.median(r[0] for r in results),
+                    "token_multiplier": statistics.median(r[1]["multiplier"] for r in results),
+                    "generated_token_multiplier": statistics.median(r[1]["generated_multiplier"] for r in results),
+                    "events": results[0][1]["events"], "details": results[0][1]["details"]}
+
+        one({})  # warm-up
+        rows = {}
+        for concurrency in (1, 8):
+            direct = rows[f"direct x{concurrency}"] = batch({}, concurrency)
+            for label, extra in configs.items():
+                row = rows[f"{label} x{concurrency}"] = batch(extra, concurrency)
+                row["wall_clock_ratio_to_direct"] = row["wall_s"] / direct["wall_s"]
+                logger.info("x%d %s: %.1f s against direct's %.1f s (ratio %.1f, token multiplier %.1f)",
+                            concurrency, label, row["wall_s"], direct["wall_s"], row["wall_clock_ratio_to_direct"],
+                            row["token_multiplier"])
+    return {"max_tokens": args.max_tokens, "prompt": args.prompt, "configs": configs, "rows": rows}
+
+
+def selfreward(args: argparse.Namespace) -> dict:
+    from benchmarks import quality
+
+    mcmc_label = "power_mcmc (16 blocks, 10 steps)"
+    samplers = {"direct": {}, "temperature 1/alpha": {"temperature": 1 / ALPHA}, mcmc_label: MCMC, **SCALABLE}
+    report = quality.run(sys.argv[1:], None, "smollm2", None, None, "gsm8k", args.prompts, samplers,
+                         args.max_tokens, args.concurrency, RESULTS / "power_sampling_selfreward.json")
+    summary = report["summary"]
+    for name in SCALABLE:
+        summary[name]["latency_ratio_to_power_mcmc"] = summary[name]["median_latency_s"] / summary[mcmc_label]["median_latency_s"]
+    return report
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.power_sampling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid = commands.add_parser("fidelity")
+    fid.add_argument("--samples", type=int, default=1024, help="independent completions per point (multiple of 64)")
+    fid.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32], help="power_mcmc steps")
+    fid.add_argument("--rollouts", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="power_scalable M")
+    fid.add_argument("--reference-reps", type=int, default=100_000,
+                     help="Monte Carlo repetitions behind power_scalable's exact law")
+    lat = commands.add_parser("latency")
+    lat.add_argument("--max-tokens", type=int, default=64)
+    lat.add_argument("--prompt", default="Question: what is 12 times 7? Answer step by step.")
+    reward = commands.add_parser("selfreward")
+    reward.add_argument("--prompts", type=int, default=8, help="the first N GSM8K test questions")
+    reward.add_argument("--max-tokens", type=int, default=128)
+    reward.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    run = {"fidelity": fidelity, "latency": latency, "selfreward": selfreward}[args.command]
+    report = {**run(args), **_header(sys.argv[1:])}
+    path = RESULTS / f"power_sampling_{args.command}.json"
+    path.write_text(json.dumps(report, indent=2))
+    logger.info("Wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()
