@@ -12,18 +12,18 @@ compare: two result files side by side, per sampler and load point, as ratios se
 
 import argparse
 import contextlib
-import datetime
 import json
 import logging
 import math
 import os
-import platform
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.vs_vllm import header
 
 logger = logging.getLogger("benchmarks.load")
 
@@ -98,8 +98,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def auth(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def http_get(url: str, api_key: str | None) -> str:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    request = urllib.request.Request(url, headers=auth(api_key))
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.read().decode()
 
@@ -109,7 +113,7 @@ def probe(args: argparse.Namespace, label: str, extra: dict) -> None:
     path = "/v1/completions" if args.endpoint == "completions" else "/v1/chat/completions"
     body = {"model": args.model, "max_tokens": 2, **extra}
     body |= {"prompt": "Hello"} if args.endpoint == "completions" else {"messages": [{"role": "user", "content": "Hello"}]}
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
+    headers = {"Content-Type": "application/json"} | auth(args.api_key)
     request = urllib.request.Request(args.base_url + path, json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(request, timeout=600):
@@ -189,9 +193,6 @@ def run(args: argparse.Namespace) -> dict:
             args.base_url = stack.enter_context(embedded_server(args.model, 8105))
         samplers = sweep(args)
     return {
-        "command": " ".join(["python", "-m", "benchmarks.load", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "server": {"base_url": args.base_url, "model": args.model, "endpoint": args.endpoint},
         "workload": {"dataset": "random", "input_len": args.input_len, "output_len": args.output_len,
                      "ignore_eos": True, "seed": args.seed, "sweep": "concurrency" if args.concurrency else "request_rate"},
@@ -273,7 +274,8 @@ def read_result(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         if args.command == "compare":
             first, second = read_result(args.first), read_result(args.second)
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.output.parent.mkdir(parents=True, exist_ok=True)
         (args.output.parent / "load.log").write_text("")
-        report = run(args)
+        report = header("load", argv) | run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,12 +18,9 @@ selfreward: the quality harness (benchmarks/quality.py) on GSM8K test prompts wi
 """
 
 import argparse
-import datetime
 import json
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +29,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.vs_vllm import embedded_server
+from benchmarks.vs_vllm import embedded_server, header
 
 logger = logging.getLogger("benchmarks.power_sampling")
 RESULTS = Path(__file__).parent / "results"
@@ -50,14 +47,6 @@ SCALABLE = {
         "sampler": "power_scalable", "power_alpha": ALPHA, "block_size": 1, "candidates": 4, "rollouts": 2,
         "rollout_horizon": 8},
 }
-
-
-def _header(argv: list[str]) -> dict:
-    return {
-        "command": " ".join(["python", "-m", "benchmarks.power_sampling", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-    }
 
 
 def fidelity(args: argparse.Namespace) -> dict:
@@ -196,7 +185,7 @@ def selfreward(args: argparse.Namespace) -> dict:
 
     mcmc_label = "power_mcmc (16 blocks, 10 steps)"
     samplers = {"direct": {}, "temperature 1/alpha": {"temperature": 1 / ALPHA}, mcmc_label: MCMC, **SCALABLE}
-    report = quality.run(sys.argv[1:], None, "smollm2", None, None, "gsm8k", args.prompts, samplers,
+    report = quality.run(None, "smollm2", None, None, "gsm8k", args.prompts, samplers,
                          args.max_tokens, args.concurrency, RESULTS / "power_sampling_selfreward.json")
     summary = report["summary"]
     for name in SCALABLE:
@@ -225,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     run = {"fidelity": fidelity, "latency": latency, "selfreward": selfreward}[args.command]
-    report = {**run(args), **_header(sys.argv[1:])}
+    report = {**header("power_sampling", sys.argv[1:]), **run(args)}
     path = RESULTS / f"power_sampling_{args.command}.json"
     path.write_text(json.dumps(report, indent=2))
     logger.info("Wrote %s", path)

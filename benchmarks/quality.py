@@ -19,12 +19,10 @@ Writes JSON (schema: benchmarks/schemas/quality.schema.json).
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import logging
 import os
-import platform
 import random
 import re
 import statistics
@@ -34,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.load import UsageError, parse_sampler, positive
+from benchmarks.vs_vllm import header
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -139,7 +138,7 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def run(argv: list[str], base_url: str | None, model: str, api_key: str | None, base_model: Path | None,
+def run(base_url: str | None, model: str, api_key: str | None, base_model: Path | None,
         dataset: str, prompts: int, samplers: dict[str, dict], max_tokens: int, concurrency: int,
         output: Path) -> dict:
     """Evaluate against base_url, or against our own server on the embedded model started for the run;
@@ -163,9 +162,6 @@ def run(argv: list[str], base_url: str | None, model: str, api_key: str | None, 
         except APIConnectionError as exc:
             raise UsageError(f"cannot reach {base_url}: {exc}") from None
     return {
-        "command": " ".join(["python", "-m", "benchmarks.quality", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "server": {"base_url": base_url, "model": model}, "dataset": dataset, "prompts": len(problems),
         "max_tokens": max_tokens, "concurrency": concurrency, "answer_extraction": ANSWER_EXTRACTION,
         "samplers": samplers, "summary": summary,
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.base_model and not (args.base_model / "config.json").exists():
             raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory")
-        report = run(argv, args.base_url, args.model, args.api_key, args.base_model, args.dataset, args.prompts,
+        report = header("quality", argv) | run(args.base_url, args.model, args.api_key, args.base_model, args.dataset, args.prompts,
                      dict(args.samplers or [parse_sampler("direct")]), args.max_tokens, args.concurrency, output)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -69,6 +69,15 @@ def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float) -
     raise RuntimeError(f"The {name} server {state}; its log ends:\n{tail}")
 
 
+def header(module: str, argv: list[str]) -> dict:
+    """What every benchmark result starts with: the command that made it, when, and on what."""
+    return {
+        "command": " ".join(["python", "-m", f"benchmarks.{module}", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+
+
 @contextlib.contextmanager
 def embedded_server(served: str, port: int) -> Iterator[str]:
     """Our server on the embedded model for the length of a benchmark; yields its base URL."""
