@@ -155,9 +155,17 @@ class Sampler(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
+    # How many of its requests the server runs at once unless told otherwise (--max-concurrent).
+    # The engine batches plain requests well; a power request costs tens to hundreds of them.
+    default_max_concurrent: ClassVar[int] = 256
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: BaseModel) -> None:
         """Reject request combinations that make no sense for this sampler (raise InvalidRequest)."""
+
+    def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: BaseModel) -> int:
+        """The most engine tokens (`Spend.generated` + `Spend.scored`) one prompt can cost; the
+        server refuses requests above its cap (--max-request-cost). Plain decoding: its output."""
+        return decode.n * decode.max_tokens
 
     @abstractmethod
     def sample(

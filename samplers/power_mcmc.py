@@ -82,6 +82,17 @@ def log_acceptance(alpha: float, current: Segment, proposal: Segment, m: int) ->
 class PowerMCMCSampler(Sampler):
     name = "power_mcmc"
     Params = PowerMCMCParams
+    default_max_concurrent = 4
+
+    def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: PowerMCMCParams) -> int:
+        # Each stage extends a chain to its length limit, then each step redraws at most that limit
+        # (algorithms.md section 1); unless q = p every proposal is also scored, prefix included.
+        limits = _stage_limits(decode.max_tokens, params)
+        generated = decode.max_tokens + params.mcmc_steps * sum(limits)
+        scored = 0
+        if not _proposal_is_base(decode, params):
+            scored = (1 + params.mcmc_steps) * (len(limits) * prompt_length + sum(limits))
+        return decode.n * (generated + scored)
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerMCMCParams) -> None:
         check_power_request(self.name, decode)
@@ -115,6 +126,12 @@ class PowerMCMCSampler(Sampler):
             )
 
 
+def _stage_limits(max_tokens: int, params: PowerMCMCParams) -> list[int]:
+    """The completion's length limit at each stage: one more block each, the last cut at max_tokens."""
+    block = params.block_size or math.ceil(max_tokens / 16)
+    return [min(limit, max_tokens) for limit in range(block, max_tokens + block, block)]
+
+
 def _proposal_temperature(params: PowerMCMCParams) -> float:
     return params.proposal_temperature or 1.0 / params.power_alpha
 
@@ -139,11 +156,8 @@ class _ChainRun:
         self.proposals = 0
 
     async def run(self) -> list[Segment]:
-        total = self.decode.max_tokens
-        block = self.params.block_size or math.ceil(total / 16)
         chains = [Segment([], [], [], False) for _ in range(self.decode.n)]
-        for limit in range(block, total + block, block):
-            limit = min(limit, total)
+        for limit in _stage_limits(self.decode.max_tokens, self.params):
             # Extend every unfinished chain to the stage's length with the proposal.
             extensions = await asyncio.gather(*(
                 self._propose(c, len(c.tokens), limit) if not c.ended and len(c.tokens) < limit

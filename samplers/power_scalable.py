@@ -106,6 +106,20 @@ def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
 class PowerScalableSampler(Sampler):
     name = "power_scalable"
     Params = PowerScalableParams
+    default_max_concurrent = 4
+
+    def max_engine_tokens(self, prompt_length: int, decode: DecodeParams,
+                          params: PowerScalableParams) -> int:
+        # Per decision: one probe token or L candidate blocks, then M rollouts of at most H tokens
+        # after each of the K candidates (algorithms.md section 2); every decision commits at least
+        # a token, a whole block unless the completion ends.
+        total, remaining = 0, decode.max_tokens
+        while remaining > 0:
+            size = min(params.block_size, remaining)
+            drawn = 1 if params.block_size == 1 else _candidate_blocks(params) * size
+            remaining -= size
+            total += drawn + params.candidates * params.rollouts * min(params.rollout_horizon, remaining)
+        return decode.n * total
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerScalableParams) -> None:
         check_power_request(self.name, decode)

@@ -2,7 +2,7 @@
 
 Engine flags are vLLM's own (`--model`, `--served-model-name`, `--dtype`, `--max-model-len`,
 `--enforce-eager`, and every other `vllm serve` engine flag); the server adds `--host`, `--port`,
-and `--api-key`; vLLM's `--log-level` sets the server's logging too.
+`--api-key` and the admission limits; vLLM's `--log-level` sets the server's logging too.
 """
 
 import argparse
@@ -12,6 +12,8 @@ import sys
 
 import uvicorn
 
+from samplers import REGISTRY as SAMPLERS
+from server.admission import QUEUE_FACTOR, Limits, parse_per_sampler
 from server.app import create_app
 from server.serving import EngineState
 
@@ -29,9 +31,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     parser.add_argument("--api-key", default=os.environ.get("POWERSERVE_API_KEY"),
                         help="Require 'Authorization: Bearer KEY' on /v1/* (env POWERSERVE_API_KEY).")
+    defaults = Limits()
+    limits = parser.add_argument_group("admission limits")
+    concurrency = ", ".join(f"{name} {s.default_max_concurrent}" for name, s in sorted(SAMPLERS.items()))
+    limits.add_argument("--max-concurrent", action="append", metavar="SAMPLER=N",
+                        help=f"Requests of SAMPLER that run at once (repeatable; default {concurrency}).")
+    limits.add_argument("--max-queued", action="append", metavar="SAMPLER=N",
+                        help="Requests of SAMPLER that may wait for a slot; beyond them, 429 "
+                        f"(repeatable; default {QUEUE_FACTOR}x its --max-concurrent).")
+    limits.add_argument("--max-request-cost", type=int, default=defaults.max_request_cost, metavar="TOKENS",
+                        help="Refuse (400) requests whose sampler could spend more engine tokens "
+                        f"(default {defaults.max_request_cost}).")
+    limits.add_argument("--request-timeout", type=float, metavar="S",
+                        help="Seconds a request may take, queueing included, unless it sets "
+                        f"request_timeout; past it, 504 (default {defaults.request_timeout:g}, or "
+                        "--max-request-timeout if lower).")
+    limits.add_argument("--max-request-timeout", type=float, default=defaults.max_request_timeout,
+                        metavar="S", help="The most a request's request_timeout may be "
+                        f"(default {defaults.max_request_timeout:g}).")
     VllmModel.add_cli_args(parser)
     parser.set_defaults(model=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_request_timeout <= 0:
+        parser.error("--max-request-timeout must be positive.")
+    if args.request_timeout is None:
+        args.request_timeout = min(Limits.request_timeout, args.max_request_timeout)
+    if not 0 < args.request_timeout <= args.max_request_timeout:
+        parser.error("--request-timeout must be positive and at most --max-request-timeout.")
+    if args.max_request_cost < 1:
+        parser.error("--max-request-cost must be at least 1.")
+    return args
+
+
+def admission_limits(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_concurrent=parse_per_sampler(args.max_concurrent, "--max-concurrent", SAMPLERS, minimum=1),
+        max_queued=parse_per_sampler(args.max_queued, "--max-queued", SAMPLERS, minimum=0),
+        max_request_cost=args.max_request_cost,
+        request_timeout=args.request_timeout,
+        max_request_timeout=args.max_request_timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     served_name = args.served_model_name[0] if args.served_model_name else args.model
     args.served_model_name = [served_name]
 
-    state = EngineState(served_name=served_name, root=args.model)
+    state = EngineState(served_name=served_name, root=args.model, limits=admission_limits(args))
     failed = []
 
     def on_fatal() -> None:

@@ -19,6 +19,11 @@ from server.serving import EngineState, respond
 
 logger = logging.getLogger(__name__)
 
+ENGINE_POLL_S = 0.5
+# How long a server with a dead engine keeps answering 503 before it exits: long enough for
+# in-flight requests to get their 503 and for probes to see it.
+ENGINE_DEATH_GRACE_S = 2.0
+
 
 def create_app(
     state: EngineState,
@@ -27,9 +32,10 @@ def create_app(
     on_fatal: Callable[[], None] = lambda: None,
 ) -> FastAPI:
     """`load_engine` builds the engine (blocking); it runs in a thread after the server is up, so
-    that `/health` answers 503 while the model loads. `on_fatal` is called if loading fails."""
+    that `/health` answers 503 while the model loads. `on_fatal` is called if loading fails or
+    the engine dies later, so that the process exits non-zero and an orchestrator restarts it."""
 
-    async def load() -> None:
+    async def run_engine() -> None:
         try:
             state.model = await asyncio.to_thread(load_engine)
             state.created = int(time.time())
@@ -37,15 +43,23 @@ def create_app(
         except Exception:
             logger.exception("The engine failed to start")
             on_fatal()
+            return
+        while not state.model.errored:
+            await asyncio.sleep(ENGINE_POLL_S)
+        logger.error("The engine has died: answering 503 for %g s, then exiting with status 1",
+                     ENGINE_DEATH_GRACE_S)
+        await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+        on_fatal()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loading = asyncio.create_task(load())
+        engine = asyncio.create_task(run_engine())
         try:
             yield
         finally:
-            if not loading.done():
+            if state.model is None:
                 logger.warning("Shutting down before the engine finished loading")
+            engine.cancel()
             if state.model is not None:
                 state.model.shutdown()
 

@@ -34,11 +34,14 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 REQUESTS = Counter(
     "powerserve_requests",
-    "Finished requests by outcome: success, invalid (400), aborted (client went away), error.",
+    "Finished requests by outcome: success, invalid (4xx), rejected (429: at capacity), timeout "
+    "(504: past its deadline), aborted (client went away), error (5xx).",
     (*LABELS, "outcome"),
 )
 OUTPUT_TOKENS = Counter("powerserve_output_tokens", "Tokens returned to clients.", LABELS)
-IN_FLIGHT = Gauge("powerserve_requests_in_flight", "Requests being served now.", LABELS)
+IN_FLIGHT = Gauge("powerserve_requests_in_flight", "Requests being served now, queued ones included.",
+                  LABELS)
+QUEUED = Gauge("powerserve_requests_queued", "Requests waiting for a slot of their sampler.", LABELS)
 ENGINE_TOKENS = Counter(
     "powerserve_engine_tokens",
     "Engine tokens spent by samplers beyond the prompt: kind=generated (decoded) or scored "

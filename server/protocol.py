@@ -44,6 +44,10 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0, description="Tokens to generate before EOS or stop may end.")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end a completion.")
     return_token_ids: bool = Field(False, description="Return token ids beside the text.")
+    # Extension
+    request_timeout: float | None = Field(
+        None, gt=0, description="Seconds the request may take, queueing included (default and "
+        "maximum: the server's --request-timeout and --max-request-timeout); past it, 504.")
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from samplers import REGISTRY, ChoiceDelta, Sampler, Spend, TokenLogprob, merge_streams
 from server import protocol as p
+from server.admission import QUEUE_FACTOR, Gate, Limits
 from server.errors import APIError, bad_request, from_exception
 from server.metrics import RequestMetrics
 
@@ -32,13 +33,19 @@ HEARTBEAT_S = 5.0
 
 
 class EngineState:
-    """The model being served and whether its engine can take requests."""
+    """The model being served, whether its engine can take requests, and the admission gates."""
 
-    def __init__(self, served_name: str, root: str):
+    def __init__(self, served_name: str, root: str, limits: Limits = Limits()):
         self.served_name = served_name
         self.root = root
         self.model = None  # samplers.vllm_engine.VllmModel once loaded
         self.created = 0
+        self.limits = limits
+        self.gates = {}
+        for name, sampler in REGISTRY.items():
+            concurrent = limits.max_concurrent.get(name, sampler.default_max_concurrent)
+            queued = limits.max_queued.get(name, QUEUE_FACTOR * concurrent)
+            self.gates[name] = Gate(served_name, name, concurrent, queued)
 
     def ready_model(self):
         if self.model is None:
@@ -126,7 +133,15 @@ class Run:
         self.request_id = request_id
         self.model_name = body.model
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.ticket = None
+        self.finished = False
         try:
+            limits = state.limits
+            self.timeout = body.request_timeout or limits.request_timeout
+            if self.timeout > limits.max_request_timeout:
+                raise bad_request(f"request_timeout may be at most {limits.max_request_timeout:g} s "
+                                  "on this server.", param="request_timeout")
+            self.deadline = asyncio.get_running_loop().time() + self.timeout
             self.model = state.ready_model()
             if not prompts:
                 raise bad_request("The prompt list is empty.", param="prompt")
@@ -144,6 +159,14 @@ class Run:
                     f"model's context of {self.model.max_model_len} tokens.", param="max_tokens")
             self.decode = body.decode_params(max_tokens, logprobs)
             self.sampler.check(self.model, self.decode, self.params)
+            cost = sum(self.sampler.max_engine_tokens(len(ids), self.decode, self.params)
+                       for ids in self.prompts)
+            if cost > limits.max_request_cost:
+                raise bad_request(
+                    f"This request could cost up to {cost} engine tokens with sampler "
+                    f"'{self.sampler.name}', over this server's cap of {limits.max_request_cost} per "
+                    "request: lower max_tokens, n, the number of prompts or the sampler's parameters.")
+            self.ticket = state.gates[self.sampler.name].admit()
         except Exception as exc:
             self.finish(exc)
             raise
@@ -152,6 +175,7 @@ class Run:
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas as they come, with indices numbered across prompts."""
+        await self.ticket.wait()
         n = self.decode.n
         streams = [
             self._offset(i * n, self.sampler.sample(self.model, ids, self.decode, self.params,
@@ -189,16 +213,37 @@ class Run:
             return APIError(503, "The engine has stopped; the server must be restarted.")
         return from_exception(exc)
 
+    def remaining_s(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def timed_out(self) -> APIError:
+        # Retrying would only time out again, so the OpenAI SDKs are told not to.
+        return APIError(504, f"The request did not finish within its deadline of {self.timeout:g} s "
+                        "(request_timeout); its engine work was stopped.", param="request_timeout",
+                        headers={"x-should-retry": "false"})
+
     def finish(self, exc: BaseException | None) -> None:
+        """Record the outcome and give up the request's slot; only the first call counts."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.ticket is not None:
+            self.ticket.release()
+        status = exc.status if isinstance(exc, APIError) else None
         if exc is None:
             outcome = "success"
         elif isinstance(exc, asyncio.CancelledError):
             outcome = "aborted"
-        elif isinstance(exc, APIError) and exc.status < 500:
+        elif status in OUTCOMES:
+            outcome = OUTCOMES[status]
+        elif status is not None and status < 500:
             outcome = "invalid"
         else:
             outcome = "error"
         self.metrics.finish(outcome, self.spend)
+
+
+OUTCOMES = {429: "rejected", 504: "timeout"}
 
 
 def _checked_prompt(model, ids: list[int]) -> list[int]:
@@ -226,10 +271,25 @@ class Format:
         raise NotImplementedError
 
 
+class RunStream(StreamingResponse):
+    """An SSE response that finishes its run even when the client leaves before the stream starts
+    (Starlette then never starts the body generator, whose own cleanup would not run)."""
+
+    def __init__(self, run: Run, fmt: Format):
+        super().__init__(_sse(run, fmt), media_type="text/event-stream")
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.finish(asyncio.CancelledError())  # a no-op if the stream finished it
+
+
 async def respond(run: Run, http_request: Request, stream: bool, fmt: Format) -> Response:
-    """Serve a run as an SSE stream or as one JSON body."""
+    """Serve a run as an SSE stream or as one JSON body, within the run's deadline."""
     if stream:
-        return StreamingResponse(_sse(run, fmt), media_type="text/event-stream")
+        return RunStream(run, fmt)
 
     async def collect() -> BaseModel:
         async with aclosing(run.deltas()) as deltas:
@@ -240,14 +300,19 @@ async def respond(run: Run, http_request: Request, stream: bool, fmt: Format) ->
     task = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_disconnected(http_request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=run.remaining_s(), return_when=asyncio.FIRST_COMPLETED)
+        client_left = watcher.done()
     finally:
         watcher.cancel()
-    if not task.done():  # the client went away: cancelling aborts every engine request of the run
+    if not task.done():  # cancelling aborts every engine request of the run
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        run.finish(asyncio.CancelledError())
-        return Response(status_code=499)
+        if client_left:
+            run.finish(asyncio.CancelledError())
+            return Response(status_code=499)
+        error = run.timed_out()
+        run.finish(error)
+        raise error
     if (exc := task.exception()) is not None:
         error = run.failure(exc)
         run.finish(error)
@@ -267,7 +332,7 @@ async def _sse(run: Run, fmt: Format) -> AsyncIterator[str]:
     try:
         for chunk in fmt.opening(run):
             yield _event(chunk)
-        async with aclosing(_with_heartbeat(run.deltas())) as deltas:
+        async with aclosing(_paced(run)) as deltas:
             async for delta in deltas:
                 if delta is None:
                     yield HEARTBEAT
@@ -287,18 +352,21 @@ async def _sse(run: Run, fmt: Format) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _with_heartbeat(stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta | None]:
-    """The stream's items, with a None whenever HEARTBEAT_S pass without one.
+async def _paced(run: Run) -> AsyncIterator[ChoiceDelta | None]:
+    """The run's deltas, with a None whenever HEARTBEAT_S pass without one, until its deadline.
 
     Samplers that decide nothing until their chains finish would otherwise leave a stream silent
     for minutes, and proxies and clients drop silent connections.
     """
+    stream = run.deltas()
     iterator = aiter(stream)
     pending = asyncio.ensure_future(anext(iterator))
     try:
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
+            done, _ = await asyncio.wait({pending}, timeout=min(HEARTBEAT_S, max(run.remaining_s(), 0)))
             if not done:
+                if run.remaining_s() <= 0:
+                    raise run.timed_out()
                 yield None
                 continue
             try:

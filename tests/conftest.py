@@ -66,11 +66,17 @@ def running_server(model_dir: Path, log: Path, *flags: str) -> Iterator[tuple[Li
         _wait_until_ready(server, process)
         yield server, process
     finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    try:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has exited already
+        pass
 
 
 @pytest.fixture(scope="session")
