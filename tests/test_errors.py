@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL
+from tests.conftest import API_KEY, MODEL
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None, says: str = ""):
@@ -53,6 +53,9 @@ def test_unknown_parameter_names_it(http, client):
     ({"logprobs": 21}, "logprobs"),
     ({"prompt": None}, "prompt"),
     ({"stream_options": {"include_usage": "perhaps"}}, "stream_options.include_usage"),
+    ({"request_timeout": 0}, "request_timeout"),
+    ({"request_timeout": 3601}, "request_timeout"),  # over the default --max-request-timeout
+    ({"n": 129}, "n"),
 ])
 def test_invalid_fields_are_400(http, fields, param):
     assert_error(complete(http, **fields), 400, param)
@@ -87,13 +90,25 @@ def test_unknown_route_and_method_keep_the_error_shape(http):
     assert_error(http.get("/v1/completions"), 405)
 
 
-def test_api_key_guards_v1_but_not_health_or_metrics(live_server):
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def test_api_key_guards_every_v1_endpoint_and_only_those(live_server):
+    """Every route the app has (its OpenAPI paths plus the documentation routes) is either in the
+    documented open set or refuses a missing, malformed or wrong key with 401, before parsing."""
     with httpx.Client(base_url=live_server.url) as anonymous:
-        assert_error(anonymous.get("/v1/models"), 401, says="API key")
-        assert_error(anonymous.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"}), 401)
-        wrong = {"Authorization": "Bearer nope"}
-        assert_error(anonymous.post("/v1/chat/completions", json={}, headers=wrong), 401)
-        assert anonymous.get("/health").status_code == 200
-        assert anonymous.get("/metrics").status_code == 200
+        paths = anonymous.get("/openapi.json").json()["paths"]
+        assert set(paths) - OPEN_PATHS == {"/v1/models", "/v1/samplers", "/v1/completions",
+                                           "/v1/chat/completions"}
+        for path, operations in paths.items():
+            for method in operations:
+                if path in OPEN_PATHS:
+                    assert anonymous.request(method, path).status_code == 200, path
+                    continue
+                for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": API_KEY}):
+                    response = anonymous.request(method, path, headers=headers, json={})
+                    assert_error(response, 401, says="API key")
+        for path in ("/docs", "/openapi.json"):
+            assert anonymous.get(path).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="nope", max_retries=0).models.list()

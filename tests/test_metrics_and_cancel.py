@@ -51,6 +51,11 @@ def running(http) -> float:
     return sum(v for (name, _), v in scrape(http).items() if name == "vllm:num_requests_running")
 
 
+# The issue's bound: vLLM's running requests are back to zero "within a second or two" of a client
+# leaving or a deadline firing; aborting is immediate, the rest is the engine's next step.
+IDLE_WITHIN_S = 2.0
+
+
 def wait_until_idle(http, seconds: float = 5.0) -> float:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -71,18 +76,23 @@ def test_stream_disconnect_aborts_the_engine_request(live_server, http):
                 next(lines)
             assert running(http) == 1
     left = time.monotonic()
-    assert wait_until_idle(http) - left < 5
+    assert wait_until_idle(http) - left < IDLE_WITHIN_S
 
 
-def leave_mid_request(live_server, http, body: dict, after_s: float) -> None:
-    """Post `body`, give up on the answer after `after_s`, and expect vLLM idle within 5 s."""
+def leave_mid_request(live_server, http, body: dict, after_s: float, stream: bool = False) -> None:
+    """Post `body`, give up on the answer after `after_s`, and expect vLLM idle soon after."""
     with httpx.Client(base_url=live_server.url, headers=http.headers, timeout=after_s) as c:
-        try:
-            c.post("/v1/completions", json=body)
-        except httpx.ReadTimeout:
-            pass
+        if stream:
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}):
+                time.sleep(after_s)
+                assert running(http) > 0
+        else:
+            try:
+                c.post("/v1/completions", json=body)
+            except httpx.ReadTimeout:
+                pass
     left = time.monotonic()
-    assert wait_until_idle(http) - left < 5
+    assert wait_until_idle(http) - left < IDLE_WITHIN_S
 
 
 def test_non_stream_disconnect_aborts_the_engine_request(live_server, http):

@@ -57,7 +57,8 @@ def test_invalid_power_requests_are_400(http, fields, param):
     assert_error(complete(http, sampler="power_mcmc", **fields), 400, param)
 
 
-def test_disconnect_aborts_every_chain(live_server, http):
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_aborts_every_chain(live_server, http, stream):
     long_run = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "n": 4, "ignore_eos": True,
                 "sampler": "power_mcmc", "mcmc_steps": 10}
-    leave_mid_request(live_server, http, long_run, after_s=3)
+    leave_mid_request(live_server, http, long_run, after_s=3, stream=stream)
