@@ -31,6 +31,7 @@ class LiveServer:
     url: str
     model_dir: Path
     log: Path
+    pid: int  # the server process; vLLM's engine core is its child
     # What the server answered while its engine was still loading.
     loading_answers: dict[str, httpx.Response] = field(default_factory=dict)
 
@@ -61,7 +62,7 @@ def running_server(model_dir: Path, log: Path, *flags: str) -> Iterator[tuple[Li
                "--enforce-eager", *flags]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = LiveServer(url=f"http://127.0.0.1:{port}", model_dir=model_dir, log=log)
+    server = LiveServer(url=f"http://127.0.0.1:{port}", model_dir=model_dir, log=log, pid=process.pid)
     try:
         _wait_until_ready(server, process)
         yield server, process
