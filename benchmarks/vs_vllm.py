@@ -46,10 +46,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start_server(name: str, model: str, served: str, port: int) -> subprocess.Popen:
+def start_server(name: str, model: str, served: str, port: int, *flags: str) -> subprocess.Popen:
     """Start a server in a process group of its own, so that its engine processes die with it."""
     cmd = [sys.executable, "-m", SERVERS[name], "--model", model, "--served-model-name", served,
-           "--port", str(port), *ENGINE_FLAGS]
+           "--port", str(port), *ENGINE_FLAGS, *flags]
     logger.info("Starting %s: %s (log: %s)", name, " ".join(cmd), RESULTS / f"{name}.log")
     with open(RESULTS / f"{name}.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -78,12 +78,18 @@ def header(module: str, argv: list[str]) -> dict:
     }
 
 
+# Benchmarks measure what the engine does with the load they send, so the server's admission gates
+# (4 power requests at a time by default) and its 20-minute deadline must not reshape it.
+UNGATED = ("--max-concurrent", "power_mcmc=64", "--max-concurrent", "power_scalable=64",
+           "--request-timeout", "3600")
+
+
 @contextlib.contextmanager
 def embedded_server(served: str, port: int) -> Iterator[str]:
     """Our server on the embedded model for the length of a benchmark; yields its base URL."""
     from server import embedded_model
 
-    process = start_server("ours", str(embedded_model.prepare()), served, port)
+    process = start_server("ours", str(embedded_model.prepare()), served, port, *UNGATED)
     try:
         wait_healthy("ours", process, port, 600)
         yield f"http://127.0.0.1:{port}"
