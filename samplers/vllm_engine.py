@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput
@@ -12,7 +13,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from samplers.base import ChoiceDelta, DecodeParams, TokenLogprob
+from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, TokenLogprob
 
 # vLLM sizes the CPU KV cache as a fraction of the NUMA node's memory and refuses to start when that
 # much is not free; a fixed 2 GiB serves small models comfortably on a 24 GiB machine.
@@ -87,7 +88,10 @@ class VllmModel:
     async def decode(
         self, prompt_token_ids: list[int], params: DecodeParams, request_id: str
     ) -> AsyncIterator[list[ChoiceDelta]]:
-        sampling = _sampling_params(params)
+        try:
+            sampling = _sampling_params(params)
+        except VLLMValidationError as exc:  # the server checks what it knows of; this is the rest
+            raise InvalidRequest(str(exc), param=exc.parameter) from None
         # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
         async for output in self.engine.generate(
             TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id

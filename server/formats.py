@@ -28,6 +28,15 @@ def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
     return Run(state, body, [prompt], max_tokens, logprobs, p.new_id("chatcmpl"))
 
 
+# JSON has no -infinity: tokens that cannot be drawn (cut by top-k or top-p) are reported at this
+# floor, as vLLM's own server does.
+LOGPROB_FLOOR = -9999.0
+
+
+def _reported(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 def _completion_logprobs(choice: ChoiceState, new: list[TokenLogprob], text: str) -> p.CompletionLogprobs:
     """Logprobs of the tokens `new`, which are the last ones of `choice` and spell `text`."""
     offset = len(choice.text) - len(text)
@@ -37,8 +46,8 @@ def _completion_logprobs(choice: ChoiceState, new: list[TokenLogprob], text: str
         offset += len(token.token)
     return p.CompletionLogprobs(
         tokens=[t.token for t in new],
-        token_logprobs=[t.logprob for t in new],
-        top_logprobs=[{alt.token: alt.logprob for alt in t.top} for t in new],
+        token_logprobs=[_reported(t.logprob) for t in new],
+        top_logprobs=[{alt.token: _reported(alt.logprob) for alt in t.top} for t in new],
         text_offset=offsets,
     )
 
@@ -82,7 +91,7 @@ class CompletionFormat(Format):
 
 def _chat_logprobs(tokens: list[TokenLogprob]) -> p.ChatLogprobs:
     def entry(t: TokenLogprob) -> dict:
-        return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+        return {"token": t.token, "logprob": _reported(t.logprob), "bytes": list(t.token.encode())}
 
     return p.ChatLogprobs(content=[
         p.ChatTokenLogprob(**entry(t), top_logprobs=[p.TopLogprob(**entry(a)) for a in t.top])

@@ -6,11 +6,17 @@ sampler, validated by the sampler's own `Params` model.
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from samplers import DecodeParams
+
+
+# The engine takes these as fixed-width integers.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+NonEmptyString = Annotated[str, StringConstraints(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -30,9 +36,10 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=128, description="Completions to draw for each prompt.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="vLLM extension; 0 or -1 disables top-k.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end a completion.")
+    top_k: int = Field(0, ge=-1, le=INT32_MAX, description="vLLM extension; 0 or -1 disables top-k.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Makes sampling reproducible.")
+    stop: NonEmptyString | list[NonEmptyString] | None = Field(
+        None, description="Strings that end a completion.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from samplers import REGISTRY, ChoiceDelta, Sampler, Spend, TokenLogprob, merge_streams
+from samplers import REGISTRY, ChoiceDelta, DecodeParams, Sampler, Spend, TokenLogprob, merge_streams
 from server import protocol as p
 from server.admission import QUEUE_FACTOR, Gate, Limits
 from server.errors import APIError, bad_request, from_exception
@@ -158,6 +158,7 @@ class Run:
                     f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
                     f"model's context of {self.model.max_model_len} tokens.", param="max_tokens")
             self.decode = body.decode_params(max_tokens, logprobs)
+            _check_decode(self.model, self.decode)
             self.sampler.check(self.model, self.decode, self.params)
             cost = sum(self.sampler.max_engine_tokens(len(ids), self.decode, self.params)
                        for ids in self.prompts)
@@ -244,6 +245,17 @@ class Run:
 
 
 OUTCOMES = {429: "rejected", 504: "timeout"}
+
+
+def _check_decode(model, decode: DecodeParams) -> None:
+    """Combinations of fields that no sampler can serve (the engine would refuse them)."""
+    if decode.min_tokens > decode.max_tokens:
+        raise bad_request(f"min_tokens ({decode.min_tokens}) exceeds max_tokens ({decode.max_tokens}).",
+                          param="min_tokens")
+    if any(not 0 <= t < model.vocab_size for t in decode.stop_token_ids):
+        raise bad_request(f"stop_token_ids must lie in [0, {model.vocab_size}).", param="stop_token_ids")
+    if decode.temperature == 0 and decode.n > 1:
+        raise bad_request("Greedy decoding (temperature 0) gives one completion: n must be 1.", param="n")
 
 
 def _checked_prompt(model, ids: list[int]) -> list[int]:

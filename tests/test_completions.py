@@ -159,3 +159,16 @@ def test_logprobs_are_those_of_the_distribution_sampled_from(live_server, client
         assert max(top.values()) == pytest.approx(row.max().item(), abs=2e-3)
     assert len(choice.logprobs.tokens) == len(choice.token_ids)
     assert choice.logprobs.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_that_cannot_be_drawn_get_the_floor_logprob(client, stream):
+    """After top_k 1 every alternative has log p = -inf, which JSON cannot carry (found by the fuzz:
+    a 500 unstreamed, nulls streamed); they are reported at -9999, as vLLM's server does."""
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                          max_completion_tokens=2, logprobs=True, top_logprobs=2,
+                                          stream=stream, extra_body={"top_k": 1})
+    chunks = list(chat) if stream else [chat]
+    content = [t for c in chunks for choice in c.choices if choice.logprobs for t in choice.logprobs.content]
+    assert content and all(t.logprob == 0.0 for t in content)
+    assert all([alt.logprob for alt in t.top_logprobs][1:] == [-9999.0] for t in content)

@@ -56,6 +56,16 @@ def test_unknown_parameter_names_it(http, client):
     ({"request_timeout": 0}, "request_timeout"),
     ({"request_timeout": 3601}, "request_timeout"),  # over the default --max-request-timeout
     ({"n": 129}, "n"),
+    # Found by the fuzz (tests/test_fuzz.py); each was a 500.
+    ({"min_tokens": 3}, "min_tokens"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["ok", ""]}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": [49152]}, "stop_token_ids"),
+    ({"n": 2, "temperature": 0}, "n"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"top_k": 2**64}, "top_k"),
 ])
 def test_invalid_fields_are_400(http, fields, param):
     assert_error(complete(http, **fields), 400, param)
