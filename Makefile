@@ -53,6 +53,7 @@ bench: install
 	$(PY) -m benchmarks.power_sampling fidelity
 	$(PY) -m benchmarks.power_sampling latency
 	$(PY) -m benchmarks.power_sampling selfreward
+	$(PY) -m benchmarks.overload
 
 clean:
 	rm -rf $(VENV)

@@ -85,11 +85,11 @@ UNGATED = ("--max-concurrent", "power_mcmc=64", "--max-concurrent", "power_scala
 
 
 @contextlib.contextmanager
-def embedded_server(served: str, port: int) -> Iterator[str]:
+def embedded_server(served: str, port: int, flags: tuple[str, ...] = UNGATED) -> Iterator[str]:
     """Our server on the embedded model for the length of a benchmark; yields its base URL."""
     from server import embedded_model
 
-    process = start_server("ours", str(embedded_model.prepare()), served, port, *UNGATED)
+    process = start_server("ours", str(embedded_model.prepare()), served, port, *flags)
     try:
         wait_healthy("ours", process, port, 600)
         yield f"http://127.0.0.1:{port}"
