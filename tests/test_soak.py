@@ -2,6 +2,7 @@
 request succeeds, memory levels off, and `/metrics` counts exactly the requests that were sent."""
 
 import asyncio
+import logging
 import os
 import random
 import statistics
@@ -13,6 +14,8 @@ import openai
 
 from tests.conftest import API_KEY, MODEL
 from tests.test_metrics_and_cancel import scrape
+
+logger = logging.getLogger(__name__)
 
 SOAK_S = float(os.environ.get("POWERSERVE_SOAK_S", "180"))
 CONCURRENCY = 4
@@ -105,8 +108,8 @@ def test_soak_mixed_samplers(live_server, http):
     assert sum(sent.values()) >= SOAK_S / 10  # the mix was really served, not stalled
     steady = statistics.median(memory[len(memory) // 3 - 1:len(memory) // 3 + 2])
     end = statistics.median(memory[-3:])
-    print(f"soak: {dict(sent)} in {SOAK_S:g} s; resident memory {steady / 2**20:.0f} MiB after the "
-          f"first third, {end / 2**20:.0f} MiB at the end")
+    logger.info("soak: %s in %g s; resident memory %.0f MiB after the first third, %.0f MiB at the end",
+                dict(sent), SOAK_S, steady / 2**20, end / 2**20)
     assert end - steady < MEMORY_GROWTH_LIMIT
     samples = scrape(http)
     for sampler in ("direct", "power_mcmc", "power_scalable"):
