@@ -46,7 +46,9 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, description="Accepted for compatibility; not used.")
     # vLLM extensions
-    repetition_penalty: float = Field(1.0, gt=0.0, description="Above 1 discourages repeated tokens.")
+    # Far outside this range the engine's logits overflow and its log-probabilities become NaN.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0,
+                                      description="Above 1 discourages repeated tokens (0.01-100).")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     min_tokens: int = Field(0, ge=0, description="Tokens to generate before EOS or stop may end.")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end a completion.")

@@ -66,6 +66,7 @@ def test_unknown_parameter_names_it(http, client):
     ({"seed": 2**64}, "seed"),
     ({"seed": -(2**63) - 1}, "seed"),
     ({"top_k": 2**64}, "top_k"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # NaN log-probabilities
 ])
 def test_invalid_fields_are_400(http, fields, param):
     assert_error(complete(http, **fields), 400, param)
