@@ -63,6 +63,7 @@ class DecodeParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    adapter: str | None = None  # decode with this LoRA adapter of the model (a distilled model)
 
 
 @dataclass

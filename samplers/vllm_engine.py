@@ -1,13 +1,16 @@
 """The one adapter between samplers and vLLM's `AsyncLLM`; no other sampler module imports vLLM."""
 
 import argparse
+import typing
 from collections.abc import AsyncIterator, Mapping
 
 from vllm import SamplingParams
+from vllm.config.lora import MaxLoRARanks
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
+from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -19,13 +22,16 @@ from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, TokenLogpro
 # much is not free; a fixed 2 GiB serves small models comfortably on a 24 GiB machine.
 CPU_KV_CACHE_BYTES = 2 << 30
 PROCESSED_LOGPROBS = "processed_logprobs"
+LORA_RANKS = typing.get_args(MaxLoRARanks)  # the adapter ranks vLLM can be sized for
 
 
 class VllmModel:
     """`LanguageModel` over one `AsyncLLM` engine."""
 
-    def __init__(self, engine: AsyncLLM):
+    def __init__(self, engine: AsyncLLM, adapters: Mapping[str, str]):
         self.engine = engine
+        # vLLM numbers adapters from 1.
+        self.adapters = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(adapters.items(), 1)}
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len: int = engine.model_config.max_model_len
         self.vocab_size: int = engine.model_config.get_vocab_size()
@@ -44,9 +50,15 @@ class VllmModel:
         parser.set_defaults(logprobs_mode=PROCESSED_LOGPROBS)
 
     @classmethod
-    def create(cls, args: argparse.Namespace) -> "VllmModel":
-        """Start an engine (blocking: loads weights and warms up) from parsed engine flags."""
+    def create(cls, args: argparse.Namespace, adapters: Mapping[str, str] = {}, adapter_rank: int = 0
+               ) -> "VllmModel":
+        """Start an engine (blocking: loads weights and warms up) from parsed engine flags, able to
+        decode with the given LoRA adapters (name -> PEFT directory) of rank up to `adapter_rank`."""
         engine_args = AsyncEngineArgs.from_cli_args(args)
+        if adapters:
+            engine_args.enable_lora = True
+            engine_args.max_loras = max(engine_args.max_loras, len(adapters))
+            engine_args.max_lora_rank = min(r for r in LORA_RANKS if r >= adapter_rank)
         if current_platform.is_cpu() and engine_args.kv_cache_memory_bytes is None:
             engine_args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         if current_platform.is_cpu() and engine_args.enable_chunked_prefill is None:
@@ -54,7 +66,16 @@ class VllmModel:
             # Generator.set_offset, which CPU generators lack: the engine dies as soon as concurrent
             # seeded requests overflow one step's token budget.
             engine_args.enable_chunked_prefill = False
-        return cls(AsyncLLM.from_engine_args(engine_args))
+        return cls(AsyncLLM.from_engine_args(engine_args), adapters)
+
+    async def load_adapters(self) -> None:
+        """Load every adapter now, so that one that does not fit the model fails at start-up."""
+        for request in self.adapters.values():
+            try:
+                await self.engine.add_lora(request)
+            except Exception as exc:
+                raise ValueError(f"The adapter '{request.lora_name}' ({request.lora_path}) does not fit "
+                                 f"the model: {exc}") from None
 
     @property
     def errored(self) -> bool:
@@ -94,7 +115,8 @@ class VllmModel:
             raise InvalidRequest(str(exc), param=exc.parameter) from None
         # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
         async for output in self.engine.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id
+            TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id,
+            lora_request=self.adapters[params.adapter] if params.adapter else None,
         ):
             yield [_choice_delta(o, params.logprobs) for o in output.outputs]
 

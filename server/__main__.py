@@ -9,10 +9,12 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from samplers import REGISTRY as SAMPLERS
+from server.adapters import adapter_rank, check_fits
 from server.admission import QUEUE_FACTOR, Limits, parse_per_sampler
 from server.app import create_app
 from server.serving import EngineState
@@ -31,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     parser.add_argument("--api-key", default=os.environ.get("POWERSERVE_API_KEY"),
                         help="Require 'Authorization: Bearer KEY' on /v1/* (env POWERSERVE_API_KEY).")
+    parser.add_argument("--distilled", action="append", metavar="NAME=PATH", default=[],
+                        help="Also serve, as model NAME, the model with the PEFT LoRA adapter in "
+                        "directory PATH (repeatable); it decodes directly.")
     defaults = Limits()
     limits = parser.add_argument_group("admission limits")
     concurrency = ", ".join(f"{name} {s.default_max_concurrent}" for name, s in sorted(SAMPLERS.items()))
@@ -60,6 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--request-timeout must be positive and at most --max-request-timeout.")
     if args.max_request_cost < 1:
         parser.error("--max-request-cost must be at least 1.")
+    args.adapters, args.adapter_rank = {}, 0
+    for value in args.distilled:
+        name, _, path = value.partition("=")
+        if not name or ":" in name or not path or name in args.adapters:
+            parser.error(f"--distilled takes NAME=PATH with a new NAME without ':'; got '{value}'.")
+        try:
+            args.adapter_rank = max(args.adapter_rank, adapter_rank(Path(path)))
+        except ValueError as exc:
+            parser.error(f"--distilled: {exc}")
+        args.adapters[name] = path
     return args
 
 
@@ -86,15 +101,28 @@ def main(argv: list[str] | None = None) -> int:
         args.served_model_name = args.served_model_name or [embedded_model.MODEL_NAME]
     served_name = args.served_model_name[0] if args.served_model_name else args.model
     args.served_model_name = [served_name]
+    if served_name in args.adapters:
+        raise SystemExit(f"--distilled: '{served_name}' is already the base model's name.")
+    for path in args.adapters.values():
+        if not Path(args.model).is_dir():
+            logger.warning("Cannot check the adapter %s against a model from the hub; vLLM serves one "
+                           "that does not fit as if it were absent.", path)
+            continue
+        try:
+            check_fits(Path(args.model), Path(path))
+        except ValueError as exc:
+            raise SystemExit(f"--distilled: {exc}") from None
 
-    state = EngineState(served_name=served_name, root=args.model, limits=admission_limits(args))
+    state = EngineState(served_name=served_name, root=args.model, limits=admission_limits(args),
+                        adapters=args.adapters)
     failed = []
 
     def on_fatal() -> None:
         failed.append(True)
         server.should_exit = True
 
-    app = create_app(state, lambda: VllmModel.create(args), api_key=args.api_key, on_fatal=on_fatal)
+    app = create_app(state, lambda: VllmModel.create(args, args.adapters, args.adapter_rank),
+                     api_key=args.api_key, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

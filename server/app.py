@@ -39,9 +39,10 @@ def create_app(
         try:
             state.model = await asyncio.to_thread(load_engine)
             state.created = int(time.time())
-            logger.info("Engine ready: serving '%s'", state.served_name)
-        except Exception:
-            logger.exception("The engine failed to start")
+            await state.model.load_adapters()
+            logger.info("Engine ready: serving %s", ", ".join(map(repr, [state.served_name, *state.adapters])))
+        except Exception as exc:
+            logger.error("The engine failed to start: %s", exc, exc_info=not isinstance(exc, ValueError))
             on_fatal()
             return
         while not state.model.errored:
@@ -91,11 +92,12 @@ def create_app(
 
     @app.get("/v1/models", dependencies=v1, response_model=p.ModelList)
     async def models() -> p.ModelList:
-        model = state.model
-        return p.ModelList(data=[p.ModelCard(
-            id=state.served_name, created=state.created, root=state.root,
-            max_model_len=model.max_model_len if model else 0,
-        )])
+        max_model_len = state.model.max_model_len if state.model else 0
+        base = p.ModelCard(id=state.served_name, created=state.created, root=state.root,
+                           max_model_len=max_model_len)
+        return p.ModelList(data=[base, *(
+            p.ModelCard(id=name, created=state.created, root=path, parent=state.served_name,
+                        max_model_len=max_model_len) for name, path in state.adapters.items())])
 
     @app.get("/v1/samplers", dependencies=v1, summary="Samplers and the JSON schema of their parameters")
     async def samplers() -> JSONResponse:

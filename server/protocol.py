@@ -63,7 +63,7 @@ class SamplingFields(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def decode_params(self, max_tokens: int, logprobs: int | None) -> DecodeParams:
+    def decode_params(self, max_tokens: int, logprobs: int | None, adapter: str | None = None) -> DecodeParams:
         return DecodeParams(
             max_tokens=max_tokens,
             n=self.n,
@@ -79,6 +79,7 @@ class SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logprobs=logprobs,
+            adapter=adapter,
         )
 
 
@@ -236,6 +237,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "power-sampling-server"
     root: str
+    parent: str | None = Field(None, description="For a distilled model: the model it adapts.")
     max_model_len: int
 
 

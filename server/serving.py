@@ -25,6 +25,8 @@ from server.metrics import RequestMetrics
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "direct"
+# A distilled model (a --distilled adapter) decodes with `direct`; metrics and usage name it so.
+DISTILLED = "distilled"
 # A blank line: to SSE an empty event, which every client skips. Not a ": comment" line: vLLM's
 # load generator strips each network chunk before parsing, so a comment arriving alone loses its
 # blank-line terminator, swallows the events after it, and the request counts as failed.
@@ -35,9 +37,11 @@ HEARTBEAT_S = 5.0
 class EngineState:
     """The model being served, whether its engine can take requests, and the admission gates."""
 
-    def __init__(self, served_name: str, root: str, limits: Limits = Limits()):
+    def __init__(self, served_name: str, root: str, limits: Limits = Limits(),
+                 adapters: dict[str, str] | None = None):
         self.served_name = served_name
         self.root = root
+        self.adapters = adapters or {}  # distilled model name -> its PEFT adapter directory
         self.model = None  # samplers.vllm_engine.VllmModel once loaded
         self.created = 0
         self.limits = limits
@@ -79,18 +83,24 @@ class ChoiceState:
             self.stop_reason = delta.stop_reason
 
 
-def resolve_sampler(state: EngineState, body: p.SamplingFields) -> tuple[Sampler, BaseModel]:
-    """Pick the sampler named by `sampler` or a ':SAMPLER' model suffix, and validate its fields."""
-    suffix = None
-    if body.model != state.served_name:
+def resolve_sampler(state: EngineState, body: p.SamplingFields) -> tuple[Sampler, BaseModel, str | None]:
+    """Pick the sampler named by `sampler` or a ':SAMPLER' model suffix, validate its fields, and
+    say which distilled model's adapter to decode with, if the request names one."""
+    names = [state.served_name, *state.adapters]
+    base, suffix = body.model, None
+    if base not in names:
         base, _, suffix = body.model.rpartition(":")
-        if base != state.served_name:
+        if base not in names:
             raise APIError(404, f"The model '{body.model}' does not exist; "
-                           f"this server serves '{state.served_name}'.", param="model")
+                           f"this server serves {', '.join(map(repr, names))}.", param="model")
+    adapter = base if base in state.adapters else None
     if suffix and body.sampler and suffix != body.sampler:
         raise bad_request(f"The model suffix ':{suffix}' and sampler '{body.sampler}' disagree.",
                           param="sampler")
     name = suffix or body.sampler or DEFAULT_SAMPLER
+    if adapter and name != DEFAULT_SAMPLER:
+        raise bad_request(f"'{adapter}' is a distilled model, which decodes directly: its sampler can "
+                          f"only be '{DEFAULT_SAMPLER}'.", param="sampler")
     sampler = REGISTRY.get(name)
     if sampler is None:
         raise bad_request(f"Unknown sampler '{name}'. Valid samplers: {', '.join(sorted(REGISTRY))}.",
@@ -99,7 +109,7 @@ def resolve_sampler(state: EngineState, body: p.SamplingFields) -> tuple[Sampler
         params = sampler.Params.model_validate(body.model_extra or {})
     except ValidationError as exc:
         raise _sampler_param_error(sampler, exc) from None
-    return sampler, params
+    return sampler, params, adapter
 
 
 def _sampler_param_error(sampler: Sampler, exc: ValidationError) -> APIError:
@@ -127,8 +137,9 @@ class Run:
         logprobs: int | None,
         request_id: str,
     ):
-        self.sampler, self.params = resolve_sampler(state, body)
-        self.metrics = RequestMetrics(state.served_name, self.sampler.name)
+        self.sampler, self.params, self.adapter = resolve_sampler(state, body)
+        self.label = DISTILLED if self.adapter else self.sampler.name
+        self.metrics = RequestMetrics(self.adapter or state.served_name, self.label)
         self.spend = Spend()
         self.request_id = request_id
         self.model_name = body.model
@@ -157,7 +168,7 @@ class Run:
                 raise bad_request(
                     f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
                     f"model's context of {self.model.max_model_len} tokens.", param="max_tokens")
-            self.decode = body.decode_params(max_tokens, logprobs)
+            self.decode = body.decode_params(max_tokens, logprobs, self.adapter)
             _check_decode(self.model, self.decode)
             self.sampler.check(self.model, self.decode, self.params)
             cost = sum(self.sampler.max_engine_tokens(len(ids), self.decode, self.params)
@@ -204,7 +215,7 @@ class Run:
                        total_tokens=prompt + completion)
 
     def sampler_usage(self) -> p.SamplerUsage:
-        return p.SamplerUsage(name=self.sampler.name, engine_tokens_generated=self.spend.generated,
+        return p.SamplerUsage(name=self.label, engine_tokens_generated=self.spend.generated,
                               engine_tokens_scored=self.spend.scored, events=self.spend.events,
                               details=self.spend.details)
 

@@ -7,7 +7,7 @@ from server import protocol as p
 from server.errors import APIError
 from server.serving import EngineState, resolve_sampler
 
-STATE = EngineState(served_name="m", root="/models/m")
+STATE = EngineState(served_name="m", root="/models/m", adapters={"tuned": "/adapters/tuned"})
 
 
 def request(**fields) -> p.CompletionRequest:
@@ -15,9 +15,15 @@ def request(**fields) -> p.CompletionRequest:
 
 
 def test_direct_is_the_default_and_registered():
-    sampler, params = resolve_sampler(STATE, request())
+    sampler, params, adapter = resolve_sampler(STATE, request())
     assert sampler is REGISTRY["direct"]
-    assert params.model_dump() == {}
+    assert params.model_dump() == {} and adapter is None
+
+
+def test_a_distilled_model_decodes_directly_with_its_adapter():
+    for model in ("tuned", "tuned:direct"):
+        sampler, _, adapter = resolve_sampler(STATE, request(model=model))
+        assert sampler is REGISTRY["direct"] and adapter == "tuned"
 
 
 @pytest.mark.parametrize("fields, status, param", [
@@ -27,6 +33,8 @@ def test_direct_is_the_default_and_registered():
     ({"sampler": "nope"}, 400, "sampler"),
     ({"model": "m:direct", "sampler": "other"}, 400, "sampler"),
     ({"alpha": 2}, 400, "alpha"),
+    ({"model": "tuned:power_mcmc"}, 400, "sampler"),
+    ({"model": "tuned", "sampler": "power_scalable"}, 400, "sampler"),
 ])
 def test_resolution_errors(fields, status, param):
     with pytest.raises(APIError) as caught:
@@ -36,9 +44,9 @@ def test_resolution_errors(fields, status, param):
 
 def test_served_name_containing_a_colon_is_not_split():
     state = EngineState(served_name="org/model:v1", root="/x")
-    sampler, _ = resolve_sampler(state, request(model="org/model:v1"))
+    sampler, _, _ = resolve_sampler(state, request(model="org/model:v1"))
     assert sampler.name == "direct"
-    sampler, _ = resolve_sampler(state, request(model="org/model:v1:direct"))
+    sampler, _, _ = resolve_sampler(state, request(model="org/model:v1:direct"))
     assert sampler.name == "direct"
 
 
