@@ -50,8 +50,8 @@ class VllmModel:
         parser.set_defaults(logprobs_mode=PROCESSED_LOGPROBS)
 
     @classmethod
-    def create(cls, args: argparse.Namespace, adapters: Mapping[str, str] = {}, adapter_rank: int = 0
-               ) -> "VllmModel":
+    def create(cls, args: argparse.Namespace, adapters: Mapping[str, str] | None = None,
+               adapter_rank: int = 0) -> "VllmModel":
         """Start an engine (blocking: loads weights and warms up) from parsed engine flags, able to
         decode with the given LoRA adapters (name -> PEFT directory) of rank up to `adapter_rank`."""
         engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -66,16 +66,16 @@ class VllmModel:
             # Generator.set_offset, which CPU generators lack: the engine dies as soon as concurrent
             # seeded requests overflow one step's token budget.
             engine_args.enable_chunked_prefill = False
-        return cls(AsyncLLM.from_engine_args(engine_args), adapters)
+        return cls(AsyncLLM.from_engine_args(engine_args), adapters or {})
 
     async def load_adapters(self) -> None:
-        """Load every adapter now, so that one that does not fit the model fails at start-up."""
+        """Load every adapter now, so that one that cannot be loaded fails at start-up."""
         for request in self.adapters.values():
             try:
                 await self.engine.add_lora(request)
             except Exception as exc:
-                raise ValueError(f"The adapter '{request.lora_name}' ({request.lora_path}) does not fit "
-                                 f"the model: {exc}") from None
+                raise ValueError(f"vLLM could not load the adapter '{request.lora_name}' "
+                                 f"({request.lora_path}): {exc}") from None
 
     @property
     def errored(self) -> bool:
