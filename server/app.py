@@ -41,8 +41,8 @@ def create_app(
             state.created = int(time.time())
             await state.model.load_adapters()
             logger.info("Engine ready: serving %s", ", ".join(map(repr, [state.served_name, *state.adapters])))
-        except Exception as exc:
-            logger.error("The engine failed to start: %s", exc, exc_info=not isinstance(exc, ValueError))
+        except Exception:
+            logger.exception("The engine failed to start")
             on_fatal()
             return
         while not state.model.errored:

@@ -263,8 +263,7 @@ def _check_decode(model, decode: DecodeParams) -> None:
     if decode.min_tokens > decode.max_tokens:
         raise bad_request(f"min_tokens ({decode.min_tokens}) exceeds max_tokens ({decode.max_tokens}).",
                           param="min_tokens")
-    if any(not 0 <= t < model.vocab_size for t in decode.stop_token_ids):
-        raise bad_request(f"stop_token_ids must lie in [0, {model.vocab_size}).", param="stop_token_ids")
+    _check_in_vocabulary(model, decode.stop_token_ids, "stop_token_ids", param="stop_token_ids")
     if decode.temperature == 0 and decode.n > 1:
         raise bad_request("Greedy decoding (temperature 0) gives one completion: n must be 1.", param="n")
 
@@ -272,10 +271,13 @@ def _check_decode(model, decode: DecodeParams) -> None:
 def _checked_prompt(model, ids: list[int]) -> list[int]:
     if not ids:
         raise bad_request("The prompt is empty.", param="prompt")
-    vocab = model.vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise bad_request(f"Prompt token ids must lie in [0, {vocab}).", param="prompt")
+    _check_in_vocabulary(model, ids, "Prompt token ids", param="prompt")
     return ids
+
+
+def _check_in_vocabulary(model, token_ids, what: str, param: str) -> None:
+    if any(not 0 <= t < model.vocab_size for t in token_ids):
+        raise bad_request(f"{what} must lie in [0, {model.vocab_size}).", param=param)
 
 
 class Format:
