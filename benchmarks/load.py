@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.output.parent.mkdir(parents=True, exist_ok=True)
         (args.output.parent / "load.log").write_text("")
-        report = header("load", argv) | run(args)
+        report = header("benchmarks.load", argv) | run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -214,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     run = {"fidelity": fidelity, "latency": latency, "selfreward": selfreward}[args.command]
-    report = {**header("power_sampling", sys.argv[1:]), **run(args)}
+    report = {**header("benchmarks.power_sampling", sys.argv[1:]), **run(args)}
     path = RESULTS / f"power_sampling_{args.command}.json"
     path.write_text(json.dumps(report, indent=2))
     logger.info("Wrote %s", path)

@@ -8,8 +8,8 @@ own load only), `--concurrency` requests at a time, seed = question index.
 - Answer: the completion's last number (commas dropped, a trailing period too), compared as a
   number with the reference (GSM8K's `#### N`).
 - Self-reward: the base model's log p of the completion given the prompt, temperature 1, from a
-  float32 Hugging Face forward pass over the token ids the server returns (`return_token_ids`);
-  reported per token and per completion.
+  float32 Hugging Face forward pass over the token ids the server returns (`return_token_ids`),
+  run after all answers are in; reported per token and per completion.
 - Spend: engine tokens per output token, where the server reports `sampler_usage`.
 
 Each answer is appended to a JSONL file beside the output as it arrives, with the settings it was
@@ -78,9 +78,20 @@ def is_correct(text: str, reference: str) -> bool:
         return False
 
 
+def completion_logp(model, prompt_ids: list[int], token_ids: list[int]) -> float:
+    """log p(completion | prompt) under `model` (a float32 Hugging Face causal LM), temperature 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1:-1]
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).sum().item()
+
+
 def evaluate(client, model: str, base_model: Path, problems: list[dict], samplers: dict[str, dict],
              max_tokens: int, concurrency: int, records_path: Path, settings: dict) -> dict[str, dict]:
-    """Run every sampler on every problem (resuming from records_path); a summary per sampler."""
+    """Run every sampler on every problem (resuming from records_path); a summary per sampler.
+    A sampler's fields may name another served `model` (a distilled one) than `model`."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -88,14 +99,14 @@ def evaluate(client, model: str, base_model: Path, problems: list[dict], sampler
     records = [json.loads(line) for line in records_path.read_text().splitlines()] if records_path.exists() else []
     records = [r for r in records if r["settings"] == settings]
     done = {(r["sampler"], r["index"]) for r in records}
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
 
     def answer(name: str, index: int) -> dict:
+        fields = dict(samplers[name])
         start = time.perf_counter()
         r = client.chat.completions.create(
-            model=model, max_tokens=max_tokens, seed=index,
+            model=fields.pop("model", model), max_tokens=max_tokens, seed=index,
             messages=[{"role": "user", "content": problems[index]["question"]}],
-            extra_body={**samplers[name], "return_token_ids": True})
+            extra_body={**fields, "return_token_ids": True})
         return {"sampler": name, "index": index, "settings": settings, "latency_s": time.perf_counter() - start,
                 "prompt_token_ids": r.prompt_token_ids, "token_ids": r.choices[0].token_ids,
                 "text": r.choices[0].message.content, "sampler_usage": getattr(r, "sampler_usage", None)}
@@ -106,15 +117,15 @@ def evaluate(client, model: str, base_model: Path, problems: list[dict], sampler
             for record in tqdm(pool.map(functools.partial(answer, name), todo), total=len(todo), desc=name):
                 if record["token_ids"] is None:
                     raise UsageError("the server returned no token ids: it must support `return_token_ids`")
-                ids = record["prompt_token_ids"] + record["token_ids"]
-                with torch.no_grad():  # the base model's log p of the completion, temperature 1
-                    logprobs = torch.log_softmax(base(torch.tensor([ids])).logits[0].double(), dim=-1)
-                start = len(record["prompt_token_ids"])
-                record["logp"] = sum(logprobs[start + t - 1, tok].item() for t, tok in enumerate(record["token_ids"]))
                 record["correct"] = is_correct(record["text"] or "", problems[record["index"]]["answer"])
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 records.append(record)
+    # Scored once the server is idle: a forward pass beside a busy engine on a small CPU machine
+    # contends for its cores, slows both, and would skew the latencies measured meanwhile.
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    for record in tqdm([r for r in records if "logp" not in r], desc="self-reward"):
+        record["logp"] = completion_logp(base, record["prompt_token_ids"], record["token_ids"])
     return {name: summarise([r for r in records if r["sampler"] == name and r["index"] < len(problems)])
             for name in samplers}
 
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.base_model and not (args.base_model / "config.json").exists():
             raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory")
-        report = header("quality", argv) | run(args.base_url, args.model, args.api_key, args.base_model, args.dataset, args.prompts,
+        report = header("benchmarks.quality", argv) | run(args.base_url, args.model, args.api_key, args.base_model, args.dataset, args.prompts,
                      dict(args.samplers or [parse_sampler("direct")]), args.max_tokens, args.concurrency, output)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

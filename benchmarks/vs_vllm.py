@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,16 +47,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start_server(name: str, model: str, served: str, port: int, *flags: str) -> subprocess.Popen:
-    """Start a server in a process group of its own, so that its engine processes die with it."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(name: str, model: str, served: str, port: int, *flags: str, log: Path | None = None) -> subprocess.Popen:
+    """Start a server in a process group of its own, so that its engine processes die with it; its
+    output goes to `log` (default: results/NAME.log)."""
     cmd = [sys.executable, "-m", SERVERS[name], "--model", model, "--served-model-name", served,
            "--port", str(port), *ENGINE_FLAGS, *flags]
-    logger.info("Starting %s: %s (log: %s)", name, " ".join(cmd), RESULTS / f"{name}.log")
-    with open(RESULTS / f"{name}.log", "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = log or RESULTS / f"{name}.log"
+    logger.info("Starting %s: %s (log: %s)", name, " ".join(cmd), log)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float) -> None:
+def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float, log: Path | None = None) -> None:
     """Poll GET /health until it answers 200; fail with the log's tail if the server dies or stalls."""
     url, deadline = f"http://127.0.0.1:{port}/health", time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -64,7 +73,7 @@ def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float) -
                 logger.info("%s server is ready on port %d", name, port)
                 return
         time.sleep(2)
-    tail = "\n".join((RESULTS / f"{name}.log").read_text(errors="replace").splitlines()[-40:])
+    tail = "\n".join((log or RESULTS / f"{name}.log").read_text(errors="replace").splitlines()[-40:])
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout}s"
     raise RuntimeError(f"The {name} server {state}; its log ends:\n{tail}")
 
@@ -72,7 +81,7 @@ def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float) -
 def header(module: str, argv: list[str]) -> dict:
     """What every benchmark result starts with: the command that made it, when, and on what."""
     return {
-        "command": " ".join(["python", "-m", f"benchmarks.{module}", *argv]),
+        "command": " ".join(["python", "-m", module, *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
@@ -85,13 +94,14 @@ UNGATED = ("--max-concurrent", "power_mcmc=64", "--max-concurrent", "power_scala
 
 
 @contextlib.contextmanager
-def embedded_server(served: str, port: int, flags: tuple[str, ...] = UNGATED) -> Iterator[str]:
-    """Our server on the embedded model for the length of a benchmark; yields its base URL."""
+def embedded_server(served: str, port: int, flags: tuple[str, ...] = UNGATED, model: Path | None = None,
+                    log: Path | None = None) -> Iterator[str]:
+    """Our server on `model` (default: the embedded model) for the length of a run; yields its base URL."""
     from server import embedded_model
 
-    process = start_server("ours", str(embedded_model.prepare()), served, port, *flags)
+    process = start_server("ours", str(model or embedded_model.prepare()), served, port, *flags, log=log)
     try:
-        wait_healthy("ours", process, port, 600)
+        wait_healthy("ours", process, port, 600, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_server("ours", process)

@@ -6,7 +6,6 @@ forward pass, and with an API key so that authentication is exercised on every c
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from benchmarks.vs_vllm import free_port
 from server import embedded_model
 
 API_KEY = "test-key"
@@ -43,12 +43,6 @@ class LiveServer:
                             timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return embedded_model.prepare()
@@ -57,7 +51,7 @@ def model_dir() -> Path:
 @contextmanager
 def running_server(model_dir: Path, log: Path, *flags: str) -> Iterator[tuple[LiveServer, subprocess.Popen]]:
     """Start `python -m server` with an API key on a free port; stop its whole process group after."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "server", "--port", str(port), "--api-key", API_KEY,
                "--enforce-eager", *flags]
     with open(log, "w") as out:

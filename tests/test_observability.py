@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.vs_vllm import free_port
 from server.metrics import LATENCY_BUCKETS
-from tests.conftest import MODEL, LiveServer, _free_port
+from tests.conftest import MODEL, LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = Path(sys.prefix) / "prometheus/usr/bin/prometheus"  # unpacked by `make prometheus`
@@ -49,7 +50,7 @@ def prometheus(live_server: LiveServer, tmp_path_factory) -> Iterator[httpx.Clie
     config = PROMETHEUS_CONFIG.read_text()
     assert COMPOSE_TARGET in config
     (work / "prometheus.yml").write_text(config.replace(COMPOSE_TARGET, live_server.url.removeprefix("http://")))
-    port = _free_port()
+    port = free_port()
     with open(work / "prometheus.log", "w") as log:
         process = subprocess.Popen(
             [PROMETHEUS, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
