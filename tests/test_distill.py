@@ -1,0 +1,209 @@
+"""The power self-distillation pipeline (`python -m distill`), run for real at miniature scale:
+power samples from our server, a LoRA adapter trained with TRL, and the report that serves it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import teacher
+from tests import tiny_models
+from tests.conftest import API_KEY, MODEL
+from tests.test_distilled import save_lora
+
+# A cheap power sampler: blocks of 4 tokens, K = M = 2 candidates and rollouts of 4 tokens.
+SAMPLER = 'power_scalable:{"power_alpha": 4, "block_size": 4, "candidates": 2, "rollouts": 2, "rollout_horizon": 4}'
+
+
+def distill(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def miniature(model_dir, tmp_path_factory) -> Path:
+    """The whole loop on 4 GSM8K train prompts, 8 tokens each; one step of training on all four
+    (batch 4), then two more at a high learning rate so that the adapter visibly moves the model."""
+    workdir = tmp_path_factory.mktemp("distill")
+    result = distill("all", "--workdir", str(workdir), "--base-model", str(model_dir), "--limit", "4",
+                     "--max-tokens", "8", "--sampler", SAMPLER, "--epochs", "3", "--batch-size", "4",
+                     "--learning-rate", "0.001", "--eval-prompts", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_teacher_keeps_every_sample_with_its_provenance(miniature, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.quality import completion_logp
+
+    samples = teacher.read_samples(miniature / teacher.FILE)
+    assert sorted(s["index"] for s in samples) == [0, 1, 2, 3]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for s in samples:
+        assert s["settings"]["sampler"]["sampler"] == "power_scalable"
+        assert s["settings"]["sampler"]["rollouts"] == 2 and s["settings"]["max_tokens"] == 8
+        assert 1 <= len(s["token_ids"]) <= 8 and s["completion"]
+        assert s["prompt"] == json.loads(Path(s["settings"]["prompts"]).read_text().splitlines()[s["index"]])["question"]
+        # The engine's own log p (bf16 weights here) against a float32 forward pass.
+        assert s["base_logp"] == pytest.approx(completion_logp(base, s["prompt_token_ids"], s["token_ids"]),
+                                               abs=0.05 * len(s["token_ids"]))
+
+
+def test_training_loss_is_the_completion_tokens_negative_log_likelihood(miniature, model_dir):
+    """Before the first update the adapter is zero (LoRA's B starts at 0), so the first logged loss
+    is the base model's mean negative log-likelihood over exactly the teacher's completion tokens of
+    the one batch holding all four samples: prompts excluded, nothing re-tokenised. Both are float32
+    sums of a few dozen terms, which agree far below the 1e-4 allowed."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.quality import completion_logp
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    samples = teacher.read_samples(miniature / teacher.FILE)
+    summary = json.loads((miniature / "train.json").read_text())
+    logp = sum(completion_logp(base, s["prompt_token_ids"], s["token_ids"]) for s in samples)
+    expected = -logp / sum(len(s["token_ids"]) for s in samples)
+    assert summary["first_loss"] == pytest.approx(expected, abs=1e-4)
+    assert summary["steps"] == 3 and summary["final_loss"] < summary["first_loss"]
+    assert sorted(p.name for p in (miniature / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_adapter_raises_the_likelihood_of_the_teacher_samples(miniature, model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.quality import completion_logp
+
+    samples = teacher.read_samples(miniature / teacher.FILE)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    student = PeftModel.from_pretrained(base, miniature / "adapter").eval()
+    for s in samples:
+        with student.disable_adapter():
+            before = completion_logp(student, s["prompt_token_ids"], s["token_ids"])
+        assert completion_logp(student, s["prompt_token_ids"], s["token_ids"]) > before
+
+
+def test_report_serves_the_adapter_beside_the_base_model(miniature):
+    """The report's server loaded the adapter as a distilled model: its answers, drawn with the
+    same seeds as the base model's, are not the base model's."""
+    report = json.loads((miniature / "report.json").read_text())
+    assert report["command"].startswith("python -m distill all")
+    summary = report["evaluation"]["summary"]
+    assert list(summary) == ["base model, direct", "base model, power_scalable", "distilled model, direct"]
+    assert all(row["completions"] == 2 for row in summary.values())
+    assert report["teacher"]["samples"] == 4 and report["training"]["steps"] == 3
+    assert "| distilled model, direct |" in (miniature / "report.md").read_text()
+    records = [json.loads(line) for line in (miniature / "eval.jsonl").read_text().splitlines()]
+    answers = {(r["sampler"], r["index"]): r["token_ids"] for r in records}
+    assert any(answers["distilled model, direct", i] != answers["base model, direct", i] for i in range(2))
+
+
+def test_rerun_redoes_nothing(miniature, model_dir):
+    before = {name: (miniature / name).read_bytes() for name in (teacher.FILE, "train.json", "eval.jsonl")}
+    result = distill("teacher", "--workdir", str(miniature), "--limit", "4", "--max-tokens", "8", "--sampler", SAMPLER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 of 4 prompts already sampled, 0 to go" in result.stderr and "Starting ours" not in result.stderr
+    result = distill("train", "--workdir", str(miniature), "--base-model", str(model_dir), "--epochs", "3",
+                     "--batch-size", "4", "--learning-rate", "0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already trained" in result.stderr
+    assert {name: (miniature / name).read_bytes() for name in before} == before
+
+
+def test_interrupted_teacher_resumes_without_repeats_or_losses(live_server, tmp_path):
+    """Kill the teacher (SIGKILL: no clean-up) once two samples are written, leave a half-written
+    line as a crash mid-write would, and run it again: every prompt exactly once, and the samples
+    written before the kill kept as they were."""
+    out = tmp_path / teacher.FILE
+    command = [sys.executable, "-m", "distill", "teacher", "--workdir", str(tmp_path), "--limit", "6",
+               "--max-tokens", "16", "--sampler", SAMPLER, "--concurrency", "1", "--base-url", live_server.url,
+               "--model", MODEL, "--api-key", API_KEY, "--base-model", str(live_server.model_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    kept = out.read_text()
+    assert 2 <= kept.count("\n") < 6
+    with open(out, "a") as f:
+        f.write('{"index": 5, "prompt": "cut sh')
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_text().startswith(kept)
+    assert sorted(s["index"] for s in teacher.read_samples(out)) == list(range(6))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    (tmp_path / teacher.FILE).write_text(json.dumps({"index": 0, "settings": {"sampler": {}, "max_tokens": 1}}) + "\n")
+    result = distill("teacher", "--workdir", str(tmp_path), "--limit", "1", "--base-url", "http://127.0.0.1:9",
+                     "--model", "m")
+    assert_clear_failure(result, "other settings")
+
+
+def test_unfinished_last_line_is_dropped(tmp_path):
+    path = tmp_path / teacher.FILE
+    path.write_text('{"index": 0}\n{"index": 1}\n{"ind')
+    assert [s["index"] for s in teacher.read_samples(path)] == [0, 1]
+    assert path.read_text() == '{"index": 0}\n{"index": 1}\n'
+
+
+def assert_clear_failure(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ('{"text": "What is 1 + 1?"}\n', "line 1, has no text in the field 'question'"),
+    ("What is 1 + 1?\n", "line 1, is not JSON"),
+    ("\n", "holds no prompts"),
+])
+def test_bad_prompt_files_end_with_a_clear_message(content, message, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    if content is not None:
+        prompts.write_text(content)
+    result = distill("teacher", "--workdir", str(tmp_path), "--prompts", str(prompts),
+                     "--base-url", "http://127.0.0.1:9", "--model", "m")
+    assert_clear_failure(result, message)
+
+
+def test_teacher_must_be_a_power_sampler(tmp_path):
+    result = distill("teacher", "--workdir", str(tmp_path), "--sampler", "direct", "--limit", "1",
+                     "--base-url", "http://127.0.0.1:9", "--model", "m")
+    assert_clear_failure(result, "must be a power sampler")
+
+
+def test_unreachable_teacher_server_ends_with_a_clear_message(tmp_path):
+    result = distill("teacher", "--workdir", str(tmp_path), "--limit", "1", "--base-url", "http://127.0.0.1:9",
+                     "--model", "m")
+    assert_clear_failure(result, "cannot reach http://127.0.0.1:9")
+
+
+def test_training_needs_teacher_samples(tmp_path):
+    assert_clear_failure(distill("train", "--workdir", str(tmp_path)), "run the teacher stage first")
+
+
+def test_training_settings_must_be_positive(tmp_path):
+    assert_clear_failure(distill("train", "--workdir", str(tmp_path), "--learning-rate", "0"),
+                         "--learning-rate must be positive")
+
+
+def test_base_model_must_be_a_model_directory(tmp_path):
+    result = distill("train", "--workdir", str(tmp_path), "--base-model", str(tmp_path))
+    assert_clear_failure(result, "is not a Hugging Face model directory")
+
+
+def test_report_refuses_an_adapter_that_does_not_fit(tmp_path):
+    """Trained for another model (the tiny Llama of the sampler tests): vLLM would serve it as if it
+    were absent, so the report stops before it starts a server."""
+    (tmp_path / teacher.FILE).write_text(json.dumps({"index": 0, "settings": {"sampler": {}, "max_tokens": 1}}) + "\n")
+    (tmp_path / "train.json").write_text("{}")
+    save_lora(tiny_models.build(tmp_path / "tiny", seed=0, sharpness=1.0, eos_bias=0.0), tmp_path / "adapter")
+    assert_clear_failure(distill("report", "--workdir", str(tmp_path)), "does not fit the model")
