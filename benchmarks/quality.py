@@ -124,7 +124,7 @@ def evaluate(client, model: str, base_model: Path, problems: list[dict], sampler
     # Scored once the server is idle: a forward pass beside a busy engine on a small CPU machine
     # contends for its cores, slows both, and would skew the latencies measured meanwhile.
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    for record in tqdm([r for r in records if "logp" not in r], desc="self-reward"):
+    for record in tqdm([r for r in records if "logp" not in r and r["sampler"] in samplers], desc="self-reward"):
         record["logp"] = completion_logp(base, record["prompt_token_ids"], record["token_ids"])
     return {name: summarise([r for r in records if r["sampler"] == name and r["index"] < len(problems)])
             for name in samplers}

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -81,7 +82,7 @@ def wait_healthy(name: str, proc: subprocess.Popen, port: int, timeout: float, l
 def header(module: str, argv: list[str]) -> dict:
     """What every benchmark result starts with: the command that made it, when, and on what."""
     return {
-        "command": " ".join(["python", "-m", module, *argv]),
+        "command": shlex.join(["python", "-m", module, *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }

@@ -1,8 +1,9 @@
 """The report stage: base model against power sampler against distilled model, on held-out prompts.
 
-Starts our server on the base model with the adapter as a distilled model, and runs the quality
-harness (benchmarks/quality.py) on the first GSM8K test questions: base model decoding directly,
-base model through the teacher's power sampler, and the distilled model decoding directly. Each
+Runs the quality harness (benchmarks/quality.py) on the first GSM8K test questions against our
+server: the base model decoding directly and through the teacher's power sampler; then the
+distilled model decoding directly, once as a LoRA adapter served beside the base model
+(`--distilled`) and once merged into the weights (`--model WORKDIR/merged`). Each
 answer is kept in WORKDIR/eval.jsonl as it arrives, so an interrupted report resumes. Writes the
 figures, with the teacher's statistics and the training losses, as JSON and as a Markdown table.
 """
@@ -36,16 +37,25 @@ def report(workdir: Path, base_model: Path, prompts: int, max_tokens: int | None
         raise UsageError(str(exc)) from None
     sampler = samples[0]["settings"]["sampler"]
     max_tokens = max_tokens or samples[0]["settings"]["max_tokens"]
-    samplers = {"base model, direct": {}, f"base model, {sampler['sampler']}": sampler,
-                "distilled model, direct": {"model": DISTILLED}}
     weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
     # Records of an earlier adapter or other settings are not reused.
     settings = {"dataset": "gsm8k", "max_tokens": max_tokens, "adapter_sha256": weights}
-    flags = (*UNGATED, "--distilled", f"{DISTILLED}={adapter}")
-    with embedded_server(SERVED, free_port(), flags, base_model, workdir / "server.log") as base_url:
-        client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
-        summary = quality.evaluate(client, SERVED, base_model, quality.gsm8k(prompts), samplers, max_tokens,
-                                   concurrency, workdir / "eval.jsonl", settings)
+    # Two servers, one after the other: vLLM's CPU engine cannot score prompts (power_mcmc's
+    # proposals) while it serves LoRA adapters, so the base model's rows run without the adapter,
+    # as a base model would be served.
+    # The merged model is the same model as base plus adapter, served as a model of its own.
+    phases = [("base", base_model, (), {"base model, direct": {}, f"base model, {sampler['sampler']}": sampler}),
+              ("distilled", base_model, ("--distilled", f"{DISTILLED}={adapter}"),
+               {"distilled model (LoRA adapter), direct": {"model": DISTILLED}}),
+              ("merged", workdir / train.MERGED, (), {"distilled model (merged), direct": {}})]
+    samplers, summary = {}, {}
+    for name, model, flags, rows in phases:
+        with embedded_server(SERVED, free_port(), (*UNGATED, *flags), model,
+                             workdir / f"server-{name}.log") as base_url:
+            client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
+            summary |= quality.evaluate(client, SERVED, base_model, quality.gsm8k(prompts), rows, max_tokens,
+                                        concurrency, workdir / "eval.jsonl", settings)
+        samplers |= rows
     direct = summary["base model, direct"]["median_latency_s"]
     for row in summary.values():
         row["latency_ratio_to_base_direct"] = row["median_latency_s"] / direct

@@ -21,6 +21,7 @@ from distill import teacher
 logger = logging.getLogger("distill.train")
 
 ADAPTER = "adapter"
+MERGED = "merged"
 SUMMARY = "train.json"
 
 
@@ -58,6 +59,7 @@ def train(workdir: Path, base_model: Path, settings: TrainSettings) -> dict:
             raise UsageError(f"{adapter} was trained with other settings ({summary['settings']}); "
                              "delete it to train with these")
         logger.info("The adapter is already trained: %s (delete it to train again)", adapter)
+        merge(workdir, base_model)
         return summary
     samples = teacher.read_samples(workdir / teacher.FILE)
     if not samples:
@@ -103,4 +105,25 @@ def train(workdir: Path, base_model: Path, settings: TrainSettings) -> dict:
     summary_path.write_text(json.dumps(summary, indent=2))
     logger.info("Adapter written to %s (%d steps, loss %s -> %s)", adapter, result.global_step,
                 summary["first_loss"], summary["final_loss"])
+    merge(workdir, base_model)
     return summary
+
+
+def merge(workdir: Path, base_model: Path) -> None:
+    """WORKDIR/merged: the base model with the adapter folded into its weights, in the base model's
+    dtype, with its tokenizer. Served with `--model`, it decodes at exactly plain-decoding cost,
+    which a LoRA adapter served beside the base model does not on vLLM's CPU engine."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = workdir / MERGED
+    if (merged / "config.json").is_file():
+        return
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    model = PeftModel.from_pretrained(base, workdir / ADAPTER).merge_and_unload()
+    partial = workdir / f"{MERGED}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(partial)
+    partial.rename(merged)
+    logger.info("Merged model written to %s", merged)

@@ -90,10 +90,11 @@ class LanguageModel(Protocol):
 
     `processed_logprobs`: whether the log-probabilities that `decode` reports are those of the
     distribution each token was drawn from (after temperature, top-k and top-p), rather than the
-    model's own. `score` always gives the model's own log p.
+    model's own. `score` always gives the model's own log p, where `can_score` says it works.
     """
 
     processed_logprobs: bool
+    can_score: bool
     vocab_size: int
     eos_token_ids: frozenset[int]  # the tokens that end a completion unless `ignore_eos`
 

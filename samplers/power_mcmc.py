@@ -96,10 +96,19 @@ class PowerMCMCSampler(Sampler):
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerMCMCParams) -> None:
         check_power_request(self.name, decode)
-        if not model.processed_logprobs and not _proposal_is_base(decode, params):
+        if _proposal_is_base(decode, params):
+            return
+        if not model.processed_logprobs:
             raise InvalidRequest(
                 "This server's engine reports raw logprobs, so only the untruncated temperature-1 "
                 "proposal has an exact density; restart it without --logprobs-mode raw_logprobs.",
+                param="proposal_temperature")
+        if not model.can_score:
+            raise InvalidRequest(
+                "A proposal other than the untruncated temperature-1 base model needs the model's "
+                "log p of each proposal, which this engine cannot compute while it serves distilled "
+                "models (vLLM's LoRA support fails on prompt log-probabilities on CPU). Set "
+                "proposal_temperature to 1 without top_k/top_p, or use a server without --distilled.",
                 param="proposal_temperature")
 
     async def sample(

@@ -36,6 +36,9 @@ class VllmModel:
         self.max_model_len: int = engine.model_config.max_model_len
         self.vocab_size: int = engine.model_config.get_vocab_size()
         self.processed_logprobs = engine.model_config.logprobs_mode == PROCESSED_LOGPROBS
+        # With LoRA enabled, vLLM 0.32's CPU engine dies computing prompt logprobs (its LoRA
+        # logits path is indexed for the sampled tokens only; vllm-project/vllm#29955).
+        self.can_score = not (adapters and current_platform.is_cpu())
         self.eos_token_ids = _eos_token_ids(engine, self.tokenizer)
 
     @staticmethod

@@ -116,9 +116,11 @@ def test_quality_harness_scores_and_resumes(live_server, tmp_path):
             summary["engine_tokens_per_output_token"] > 1
     records = output.with_suffix(".jsonl").read_text().splitlines()
     assert len(records) == 6
+    assert all(json.loads(r)["token_ids"] for r in records)
     # The power sampler's completions have a higher base log p per token than plain sampling's,
-    # but three 6-token answers are too few to assert it; each record's log p is a real log p.
-    assert all(json.loads(r)["logp"] < 0 for r in records)
+    # but three 6-token answers are too few to assert it; each summary's log p is a real log p
+    # (scored after the answers, from the records' token ids).
+    assert all(summary["mean_logp_per_completion"] < 0 for summary in report["summary"].values())
 
     # A rerun finds every answer in the records and asks the server nothing more.
     again = tool("quality", *args)

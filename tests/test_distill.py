@@ -74,7 +74,7 @@ def test_training_loss_is_the_completion_tokens_negative_log_likelihood(miniatur
     assert sorted(p.name for p in (miniature / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
 
 
-def test_adapter_raises_the_likelihood_of_the_teacher_samples(miniature, model_dir):
+def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(miniature, model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -83,10 +83,15 @@ def test_adapter_raises_the_likelihood_of_the_teacher_samples(miniature, model_d
     samples = teacher.read_samples(miniature / teacher.FILE)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     student = PeftModel.from_pretrained(base, miniature / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(miniature / "merged", dtype=torch.float32)
     for s in samples:
         with student.disable_adapter():
             before = completion_logp(student, s["prompt_token_ids"], s["token_ids"])
-        assert completion_logp(student, s["prompt_token_ids"], s["token_ids"]) > before
+        after = completion_logp(student, s["prompt_token_ids"], s["token_ids"])
+        assert after > before
+        # The merged weights are the adapted ones rounded to the base model's bf16.
+        assert completion_logp(merged, s["prompt_token_ids"], s["token_ids"]) == pytest.approx(
+            after, abs=0.05 * len(s["token_ids"]))
 
 
 def test_report_serves_the_adapter_beside_the_base_model(miniature):
@@ -95,13 +100,15 @@ def test_report_serves_the_adapter_beside_the_base_model(miniature):
     report = json.loads((miniature / "report.json").read_text())
     assert report["command"].startswith("python -m distill all")
     summary = report["evaluation"]["summary"]
-    assert list(summary) == ["base model, direct", "base model, power_scalable", "distilled model, direct"]
+    distilled = ["distilled model (LoRA adapter), direct", "distilled model (merged), direct"]
+    assert list(summary) == ["base model, direct", "base model, power_scalable", *distilled]
     assert all(row["completions"] == 2 for row in summary.values())
     assert report["teacher"]["samples"] == 4 and report["training"]["steps"] == 3
-    assert "| distilled model, direct |" in (miniature / "report.md").read_text()
+    assert "| distilled model (merged), direct |" in (miniature / "report.md").read_text()
     records = [json.loads(line) for line in (miniature / "eval.jsonl").read_text().splitlines()]
     answers = {(r["sampler"], r["index"]): r["token_ids"] for r in records}
-    assert any(answers["distilled model, direct", i] != answers["base model, direct", i] for i in range(2))
+    for name in distilled:
+        assert any(answers[name, i] != answers["base model, direct", i] for i in range(2))
 
 
 def test_rerun_redoes_nothing(miniature, model_dir):
