@@ -52,24 +52,26 @@ def train(workdir: Path, base_model: Path, settings: TrainSettings) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    adapter, summary_path = workdir / ADAPTER, workdir / SUMMARY
-    if (adapter / "adapter_config.json").is_file() and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary["settings"] != asdict(settings):
-            raise UsageError(f"{adapter} was trained with other settings ({summary['settings']}); "
-                             "delete it to train with these")
-        logger.info("The adapter is already trained: %s (delete it to train again)", adapter)
-        merge(workdir, base_model)
-        return summary
     samples = teacher.read_samples(workdir / teacher.FILE)
     if not samples:
         raise UsageError(f"{workdir / teacher.FILE} holds no teacher samples: run the teacher stage first")
+    # What an adapter or a checkpoint was made from: these settings on this many teacher samples.
+    made_from = asdict(settings) | {"examples": len(samples)}
+    adapter, summary_path = workdir / ADAPTER, workdir / SUMMARY
+    if (adapter / "adapter_config.json").is_file() and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary["settings"] | {"examples": summary["examples"]} != made_from:
+            raise UsageError(f"{adapter} was trained with other settings or samples "
+                             f"({summary['settings']}, {summary['examples']} samples); delete it to train again")
+        logger.info("The adapter is already trained: %s (delete it to train again)", adapter)
+        merge(workdir, base_model)
+        return summary
     checkpoints, settings_path = workdir / "checkpoints", workdir / "train-settings.json"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if last and json.loads(settings_path.read_text()) != asdict(settings):
-        raise UsageError(f"{checkpoints} holds checkpoints of a run with other settings "
+    if last and json.loads(settings_path.read_text()) != made_from:
+        raise UsageError(f"{checkpoints} holds checkpoints of a run with other settings or samples "
                          f"({settings_path.read_text().strip()}); rerun with those, or delete {checkpoints}")
-    settings_path.write_text(json.dumps(asdict(settings)))
+    settings_path.write_text(json.dumps(made_from))
 
     dataset = Dataset.from_list(list(teacher.iter_training_examples(samples)))
     gpu = torch.cuda.is_available()

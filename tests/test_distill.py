@@ -121,6 +121,9 @@ def test_rerun_redoes_nothing(miniature, model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already trained" in result.stderr
     assert {name: (miniature / name).read_bytes() for name in before} == before
+    other = distill("train", "--workdir", str(miniature), "--base-model", str(model_dir), "--epochs", "4",
+                    "--batch-size", "4", "--learning-rate", "0.001")
+    assert_clear_failure(other, "was trained with other settings or samples")
 
 
 def test_interrupted_teacher_resumes_without_repeats_or_losses(live_server, tmp_path):
