@@ -2,11 +2,12 @@
 
 Stages (default `all`, which runs them in order; each can also run alone):
   teacher  power samples of the base model for a prompt set -> WORKDIR/teacher.jsonl
-  train    a LoRA adapter fitted to those samples with TRL -> WORKDIR/adapter (checkpoints on the way)
+  train    a LoRA adapter fitted to those samples with TRL -> WORKDIR/adapter (checkpoints on the
+           way), and the base model with it merged in -> WORKDIR/merged
   report   base direct vs power sampler vs distilled model on held-out GSM8K questions
            -> WORKDIR/report.json and report.md (or --report PATH)
-Every stage resumes where an interrupted run stopped. Serve the result with
-`python -m server --distilled NAME=WORKDIR/adapter`.
+Every stage resumes where an interrupted run stopped. Serve the result beside the base model with
+`python -m server --distilled NAME=WORKDIR/adapter`, or alone with `--model WORKDIR/merged`.
 """
 
 import argparse
@@ -83,7 +84,7 @@ def run_teacher(args: argparse.Namespace, base_model: Path) -> None:
 
 
 def run_report(args: argparse.Namespace, base_model: Path) -> None:
-    result = report.report(args.workdir, base_model, args.eval_prompts, None, args.concurrency)
+    result = report.report(args.workdir, base_model, args.eval_prompts, args.concurrency)
     path = args.report or args.workdir / "report.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(header("distill", sys.argv[1:]) | result, indent=2) + "\n")

@@ -24,7 +24,8 @@ logger = logging.getLogger("distill.report")
 SERVED, DISTILLED = "base", "distilled"
 
 
-def report(workdir: Path, base_model: Path, prompts: int, max_tokens: int | None, concurrency: int) -> dict:
+def report(workdir: Path, base_model: Path, prompts: int, concurrency: int) -> dict:
+    """Evaluate at the teacher's max_tokens; the figures for report.json."""
     from openai import OpenAI
 
     samples = teacher.read_samples(workdir / teacher.FILE)
@@ -36,7 +37,7 @@ def report(workdir: Path, base_model: Path, prompts: int, max_tokens: int | None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     sampler = samples[0]["settings"]["sampler"]
-    max_tokens = max_tokens or samples[0]["settings"]["max_tokens"]
+    max_tokens = samples[0]["settings"]["max_tokens"]
     weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
     # Records of an earlier adapter or other settings are not reused.
     settings = {"dataset": "gsm8k", "max_tokens": max_tokens, "adapter_sha256": weights}
