@@ -27,8 +27,8 @@ def distill(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def miniature(model_dir, tmp_path_factory) -> Path:
-    """The whole loop on 4 GSM8K train prompts, 8 tokens each; one step of training on all four
-    (batch 4), then two more at a high learning rate so that the adapter visibly moves the model."""
+    """The whole loop on 4 GSM8K train prompts, 8 tokens each; three steps of training on one batch
+    of all four, at a learning rate (1e-3) high enough that the adapter visibly moves the model."""
     workdir = tmp_path_factory.mktemp("distill")
     result = distill("all", "--workdir", str(workdir), "--base-model", str(model_dir), "--limit", "4",
                      "--max-tokens", "8", "--sampler", SAMPLER, "--epochs", "3", "--batch-size", "4",
