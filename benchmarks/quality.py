@@ -78,6 +78,20 @@ def is_correct(text: str, reference: str) -> bool:
         return False
 
 
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines of an append-only records file (none if it does not exist). A last line cut
+    short by an interruption is removed from the file, so that the next append starts on a line of
+    its own."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        logger.warning("Dropping an unfinished last line of %s (an interrupted write)", path)
+        path.write_bytes(complete)
+    return [json.loads(line) for line in complete.decode().splitlines()]
+
+
 def completion_logp(model, prompt_ids: list[int], token_ids: list[int]) -> float:
     """log p(completion | prompt) under `model` (a float32 Hugging Face causal LM), temperature 1."""
     import torch
@@ -96,8 +110,7 @@ def evaluate(client, model: str, base_model: Path, problems: list[dict], sampler
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    records = [json.loads(line) for line in records_path.read_text().splitlines()] if records_path.exists() else []
-    records = [r for r in records if r["settings"] == settings]
+    records = [r for r in read_records(records_path) if r["settings"] == settings]
     done = {(r["sampler"], r["index"]) for r in records}
 
     def answer(name: str, index: int) -> dict:

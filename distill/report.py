@@ -28,7 +28,7 @@ def report(workdir: Path, base_model: Path, prompts: int, concurrency: int) -> d
     """Evaluate at the teacher's max_tokens; the figures for report.json."""
     from openai import OpenAI
 
-    samples = teacher.read_samples(workdir / teacher.FILE)
+    samples = quality.read_records(workdir / teacher.FILE)
     adapter = workdir / train.ADAPTER
     if not samples or not (workdir / train.SUMMARY).is_file():
         raise UsageError(f"{workdir} has no trained adapter: run the teacher and train stages first")
@@ -41,20 +41,19 @@ def report(workdir: Path, base_model: Path, prompts: int, concurrency: int) -> d
     weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
     # Records of an earlier adapter or other settings are not reused.
     settings = {"dataset": "gsm8k", "max_tokens": max_tokens, "adapter_sha256": weights}
-    # Two servers, one after the other: vLLM's CPU engine cannot score prompts (power_mcmc's
+    # Three servers, one after the other. vLLM's CPU engine cannot score prompts (power_mcmc's
     # proposals) while it serves LoRA adapters, so the base model's rows run without the adapter,
-    # as a base model would be served.
-    # The merged model is the same model as base plus adapter, served as a model of its own.
+    # as a base model would be served; the merged model is base plus adapter as a model of its own.
     phases = [("base", base_model, (), {"base model, direct": {}, f"base model, {sampler['sampler']}": sampler}),
               ("distilled", base_model, ("--distilled", f"{DISTILLED}={adapter}"),
                {"distilled model (LoRA adapter), direct": {"model": DISTILLED}}),
               ("merged", workdir / train.MERGED, (), {"distilled model (merged), direct": {}})]
-    samplers, summary = {}, {}
+    problems, samplers, summary = quality.gsm8k(prompts), {}, {}
     for name, model, flags, rows in phases:
         with embedded_server(SERVED, free_port(), (*UNGATED, *flags), model,
                              workdir / f"server-{name}.log") as base_url:
             client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
-            summary |= quality.evaluate(client, SERVED, base_model, quality.gsm8k(prompts), rows, max_tokens,
+            summary |= quality.evaluate(client, SERVED, base_model, problems, rows, max_tokens,
                                         concurrency, workdir / "eval.jsonl", settings)
         samplers |= rows
     direct = summary["base model, direct"]["median_latency_s"]

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from benchmarks.load import UsageError
+from benchmarks.quality import read_records
 
 logger = logging.getLogger("distill.teacher")
 
@@ -43,22 +44,9 @@ def load_prompts(path: Path, field: str, limit: int | None) -> list[str]:
     return prompts
 
 
-def read_samples(path: Path) -> list[dict]:
-    """The samples in `path` (none if it does not exist). A last line cut short by an interruption
-    is removed from the file, so that the next append starts on a line of its own."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        logger.warning("Dropping an unfinished last line of %s (an interrupted write)", path)
-        path.write_bytes(complete)
-    return [json.loads(line) for line in complete.decode().splitlines()]
-
-
 def pending(path: Path, count: int, settings: dict) -> list[int]:
     """The indices of the first `count` prompts that `path` has no sample of yet."""
-    samples = read_samples(path)
+    samples = read_records(path)
     if samples and samples[0]["settings"] != settings:
         raise UsageError(f"{path} holds samples made with other settings ({samples[0]['settings']}); "
                          "rerun with those settings to resume, or use another --workdir")

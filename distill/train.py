@@ -12,10 +12,12 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.load import UsageError
+from benchmarks.quality import read_records
 from distill import teacher
 
 logger = logging.getLogger("distill.train")
@@ -52,7 +54,7 @@ def train(workdir: Path, base_model: Path, settings: TrainSettings) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    samples = teacher.read_samples(workdir / teacher.FILE)
+    samples = read_records(workdir / teacher.FILE)
     if not samples:
         raise UsageError(f"{workdir / teacher.FILE} holds no teacher samples: run the teacher stage first")
     # What an adapter or a checkpoint was made from: these settings on this many teacher samples.
@@ -91,12 +93,7 @@ def train(workdir: Path, base_model: Path, settings: TrainSettings) -> dict:
         logger.info("Resuming training from %s", last)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
-    # Written beside, then renamed: WORKDIR/adapter is either whole or absent.
-    partial = workdir / f"{ADAPTER}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    trainer.model.save_pretrained(partial)
-    shutil.rmtree(adapter, ignore_errors=True)
-    partial.rename(adapter)
+    save_whole(adapter, trainer.model.save_pretrained)
     losses = [{"step": e["step"], "epoch": e["epoch"], "loss": e["loss"]}
               for e in trainer.state.log_history if "loss" in e]
     summary = {"settings": asdict(settings), "examples": len(samples),
@@ -123,9 +120,20 @@ def merge(workdir: Path, base_model: Path) -> None:
         return
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
     model = PeftModel.from_pretrained(base, workdir / ADAPTER).merge_and_unload()
-    partial = workdir / f"{MERGED}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(partial)
-    partial.rename(merged)
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(directory)
+
+    save_whole(merged, save)
     logger.info("Merged model written to %s", merged)
+
+
+def save_whole(target: Path, save: Callable[[Path], None]) -> None:
+    """Let `save` write a directory beside `target`, then rename it into place: `target` is
+    either whole or absent, whenever the process is interrupted."""
+    partial = target.with_name(f"{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)

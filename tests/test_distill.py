@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.quality import read_records
 from distill import teacher
 from tests import tiny_models
 from tests.conftest import API_KEY, MODEL
@@ -42,7 +43,7 @@ def test_teacher_keeps_every_sample_with_its_provenance(miniature, model_dir):
 
     from benchmarks.quality import completion_logp
 
-    samples = teacher.read_samples(miniature / teacher.FILE)
+    samples = read_records(miniature / teacher.FILE)
     assert sorted(s["index"] for s in samples) == [0, 1, 2, 3]
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for s in samples:
@@ -65,7 +66,7 @@ def test_training_loss_is_the_completion_tokens_negative_log_likelihood(miniatur
     from benchmarks.quality import completion_logp
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    samples = teacher.read_samples(miniature / teacher.FILE)
+    samples = read_records(miniature / teacher.FILE)
     summary = json.loads((miniature / "train.json").read_text())
     logp = sum(completion_logp(base, s["prompt_token_ids"], s["token_ids"]) for s in samples)
     expected = -logp / sum(len(s["token_ids"]) for s in samples)
@@ -80,7 +81,7 @@ def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(mi
 
     from benchmarks.quality import completion_logp
 
-    samples = teacher.read_samples(miniature / teacher.FILE)
+    samples = read_records(miniature / teacher.FILE)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     student = PeftModel.from_pretrained(base, miniature / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(miniature / "merged", dtype=torch.float32)
@@ -147,7 +148,7 @@ def test_interrupted_teacher_resumes_without_repeats_or_losses(live_server, tmp_
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_text().startswith(kept)
-    assert sorted(s["index"] for s in teacher.read_samples(out)) == list(range(6))
+    assert sorted(s["index"] for s in read_records(out)) == list(range(6))
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
@@ -160,7 +161,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 def test_unfinished_last_line_is_dropped(tmp_path):
     path = tmp_path / teacher.FILE
     path.write_text('{"index": 0}\n{"index": 1}\n{"ind')
-    assert [s["index"] for s in teacher.read_samples(path)] == [0, 1]
+    assert [s["index"] for s in read_records(path)] == [0, 1]
     assert path.read_text() == '{"index": 0}\n{"index": 1}\n'
 
 
