@@ -158,6 +158,21 @@ class PowerScalableSampler(Sampler):
                 yield delta
 
 
+async def next_token_law(model: LanguageModel, prefix: list[int], remaining: int, params: PowerScalableParams,
+                         request_id: str, seed: int | None = None) -> dict[int, float]:
+    """power_scalable's token-level estimate of the power distribution's next-token conditional after
+    `prefix`, p(c)^alpha * zeta(c) normalised over its K candidates (algorithms.md section 2), as
+    {token: probability}; every other token has probability 0. `remaining` is what is left of the
+    completion's budget, which caps the rollouts. Only the token level (block_size 1) has one."""
+    if params.block_size != 1:
+        raise InvalidRequest("The next-token law exists at token level only: set block_size to 1.",
+                             param="block_size")
+    choice = _Choice(model, prefix, DecodeParams(max_tokens=remaining, seed=seed), params, request_id, Spend(),
+                     0, random.Random(seed))
+    candidates, probabilities = await choice.decide(remaining, request_id)
+    return {c.draw.token_ids[0]: float(p) for c, p in zip(candidates, probabilities)}
+
+
 def _candidate_blocks(params: PowerScalableParams) -> int:
     return params.candidate_blocks or params.candidates
 
@@ -186,25 +201,27 @@ class _Choice:
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         for step in range(self.decode.max_tokens):
-            prefix = self.prompt + self.token_ids
-            remaining = self.decode.max_tokens - len(self.token_ids)
-            if self.params.block_size == 1:
-                candidates = await self._top_tokens(prefix, f"{self.request_id}-{step}")
-            else:
-                candidates = await self._sampled_blocks(prefix, min(self.params.block_size, remaining),
-                                                        f"{self.request_id}-{step}")
-            rollout_logp = await asyncio.gather(*(
-                self._rollouts(prefix, c.draw, remaining, f"{self.request_id}-{step}-{k}")
-                for k, c in enumerate(candidates)
-            ))
-            probabilities = candidate_probabilities(
-                np.array([c.log_base for c in candidates]), np.array(rollout_logp),
-                self.params.power_alpha, self.params.jackknife)
+            candidates, probabilities = await self.decide(self.decode.max_tokens - len(self.token_ids),
+                                                          f"{self.request_id}-{step}")
             chosen = self.rng.choices(candidates, weights=probabilities.tolist())[0].draw
             self.spend.count("decisions")
             yield self._commit(chosen)
             if chosen.ended or len(self.token_ids) == self.decode.max_tokens:
                 return
+
+    async def decide(self, remaining: int, request_id: str) -> tuple[list[_Candidate], np.ndarray]:
+        """The candidates for the next token or block, and the probability of committing each."""
+        prefix = self.prompt + self.token_ids
+        if self.params.block_size == 1:
+            candidates = await self._top_tokens(prefix, request_id)
+        else:
+            candidates = await self._sampled_blocks(prefix, min(self.params.block_size, remaining), request_id)
+        rollout_logp = await asyncio.gather(*(
+            self._rollouts(prefix, c.draw, remaining, f"{request_id}-{k}") for k, c in enumerate(candidates)
+        ))
+        return candidates, candidate_probabilities(
+            np.array([c.log_base for c in candidates]), np.array(rollout_logp),
+            self.params.power_alpha, self.params.jackknife)
 
     async def _top_tokens(self, prefix: list[int], request_id: str) -> list[_Candidate]:
         """The K most likely next tokens with their log p, from one decoded token's logprobs."""

@@ -1,6 +1,7 @@
 """The one adapter between samplers and vLLM's `AsyncLLM`; no other sampler module imports vLLM."""
 
 import argparse
+import asyncio
 import typing
 from collections.abc import AsyncIterator, Mapping
 
@@ -122,6 +123,28 @@ class VllmModel:
             lora_request=self.adapters[params.adapter] if params.adapter else None,
         ):
             yield [_choice_delta(o, params.logprobs) for o in output.outputs]
+
+
+class BlockingModel:
+    """A `VllmModel` driven from synchronous code (training, tests): its coroutines run to the end
+    on an event loop of its own."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.loop = asyncio.new_event_loop()
+        self.model = VllmModel.create(args)
+
+    def run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        self.model.shutdown()
+        # vLLM's output-handler task lives in this loop; end it before closing the loop, or the
+        # interpreter hangs at exit.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
 
 
 def _eos_token_ids(engine: AsyncLLM, tokenizer) -> frozenset[int]:

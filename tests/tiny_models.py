@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel
 
 from samplers import ChoiceDelta, DecodeParams, Sampler, Spend
-from samplers.vllm_engine import VllmModel
+from samplers.vllm_engine import BlockingModel
 from server.__main__ import parse_args
 
 VOCAB = {"a": 0, "b": 1, "</s>": 2}
@@ -146,17 +146,13 @@ def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
     return dict(zip(states, law))
 
 
-class TinyEngine:
+class TinyEngine(BlockingModel):
     """A real vLLM engine on a tiny model, with an event loop of its own, that draws completions."""
 
     def __init__(self, directory: Path):
-        self.loop = asyncio.new_event_loop()
-        self.model = VllmModel.create(parse_args([
+        super().__init__(parse_args([
             "--model", str(directory), "--enforce-eager", "--dtype", "float32",
             "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20)]))
-
-    def run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
 
     def draw(self, sampler: Sampler, count: int, decode: DecodeParams, params: BaseModel
              ) -> list[tuple[list[ChoiceDelta], Spend]]:
@@ -179,16 +175,6 @@ class TinyEngine:
             return await asyncio.gather(*(one_request() for _ in range(count // 64)))
 
         return self.run(all_requests())
-
-    def close(self) -> None:
-        self.model.shutdown()
-        # vLLM's output-handler task lives in this loop; end it before closing the loop, or the
-        # interpreter hangs at exit.
-        pending = asyncio.all_tasks(self.loop)
-        for task in pending:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.close()
 
 
 def suffixes(table: dict, prefix: tuple, max_tokens: int) -> tuple[list[tuple], np.ndarray]:
