@@ -47,8 +47,12 @@ $(PROMETHEUS):
 LOAD_SAMPLERS := --sampler direct --sampler 'power_scalable:{"candidates": 4, "rollouts": 4, "rollout_horizon": 16}'
 # The distillation benchmark's teacher: power_mcmc with 4 blocks of 32 tokens and 4 steps each, a
 # quarter of the paper's per-sample cost, so that 256 GSM8K train prompts take about 20 minutes here.
-DISTILL_BENCH := --limit 256 --max-tokens 128 --eval-prompts 64 \
+DISTILL_BENCH := --max-tokens 128 --eval-prompts 64 \
 	--sampler 'power_mcmc:{"power_alpha": 4, "block_size": 32, "mcmc_steps": 4}'
+# The on-policy methods at miniature scale: one pass over 32 prompts, 4 completions each (16 steps);
+# the power_scalable teacher with K = 4 candidates and M = 2 rollouts of 8 tokens.
+ON_POLICY_BENCH := --workdir runs/distill-gsm8k --max-tokens 128 --limit 32 --epochs 1
+OPD_TEACHER := --opd-teacher 'power_scalable:{"candidates": 4, "rollouts": 2, "rollout_horizon": 8}'
 bench: install
 	$(PY) -m benchmarks.load run $(LOAD_SAMPLERS) --concurrency 1 4 8 --num-prompts 16
 	$(PY) -m benchmarks.quality --dataset arithmetic --prompts 32 --max-tokens 16 --sampler direct \
@@ -58,7 +62,12 @@ bench: install
 	$(PY) -m benchmarks.power_sampling latency
 	$(PY) -m benchmarks.power_sampling selfreward
 	$(PY) -m benchmarks.overload
-	$(PY) -m distill --workdir runs/distill-gsm8k $(DISTILL_BENCH) --report benchmarks/results/distillation.json
+	$(PY) -m distill teacher --workdir runs/distill-gsm8k --limit 256 $(DISTILL_BENCH)
+	$(PY) -m distill train --workdir runs/distill-gsm8k
+	$(PY) -m distill train $(ON_POLICY_BENCH) --method self-reward
+	$(PY) -m distill train $(ON_POLICY_BENCH) --method opd $(OPD_TEACHER)
+	$(PY) -m distill train $(ON_POLICY_BENCH) --method opd --run opd-log-ratio --opd-reward log-ratio $(OPD_TEACHER)
+	$(PY) -m distill report --workdir runs/distill-gsm8k $(DISTILL_BENCH) --report benchmarks/results/distillation.json
 
 clean:
 	rm -rf $(VENV)

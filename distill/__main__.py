@@ -1,18 +1,25 @@
-"""`python -m distill [STAGE] --workdir DIR`: power self-distillation of a served model.
+"""`python -m distill [STAGE] --workdir DIR`: distil a served model's power distribution into a LoRA adapter.
 
 Stages (default `all`, which runs them in order; each can also run alone):
   teacher  power samples of the base model for a prompt set -> WORKDIR/teacher.jsonl
-  train    a LoRA adapter fitted to those samples with TRL -> WORKDIR/adapter (checkpoints on the
-           way), and the base model with it merged in -> WORKDIR/merged
-  report   base direct vs power sampler vs distilled model on held-out GSM8K questions
+           (only --method sft needs them)
+  train    a LoRA adapter trained with TRL by --method -> WORKDIR/RUN/adapter (checkpoints on the
+           way), and the base model with it merged in -> WORKDIR/RUN/merged. RUN is --run, by
+           default the method's name. Methods:
+             sft          fine-tune on the teacher's samples (offline power self-distillation)
+             self-reward  GRPO with reward log p_base(y) and KL weight 1/(alpha - 1) to the base
+             opd          on-policy distillation: per-token reward --opd-reward (power or
+                          log-ratio) from --opd-teacher (power_scalable[:{json}] or a model directory)
+  report   base direct vs power sampler vs every trained RUN on held-out GSM8K questions
            -> WORKDIR/report.json and report.md (or --report PATH)
-Every stage resumes where an interrupted run stopped. Serve the result beside the base model with
-`python -m server --distilled NAME=WORKDIR/adapter`, or alone with `--model WORKDIR/merged`.
+Every stage resumes where an interrupted run stopped. Serve a result beside the base model with
+`python -m server --distilled NAME=WORKDIR/RUN/adapter`, or alone with `--model WORKDIR/RUN/merged`.
 """
 
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -35,22 +42,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--base-model", type=Path,
                         help="Hugging Face directory of the model to distil (default: the embedded model)")
     group = parser.add_argument_group("teacher")
-    group.add_argument("--prompts", type=Path, default=GSM8K_TRAIN, help="JSONL prompt file (default: GSM8K train)")
+    group.add_argument("--prompts", type=Path, default=GSM8K_TRAIN,
+                       help="JSONL prompt file, also the on-policy methods' training prompts (default: GSM8K train)")
     group.add_argument("--prompt-field", default="question", help="the field with the prompt text (default: %(default)s)")
     group.add_argument("--limit", type=positive, default=256, help="the first N prompts (default: %(default)s)")
     group.add_argument("--sampler", type=parse_sampler, default=parse_sampler(DEFAULT_SAMPLER),
-                       help="power sampler as NAME:{json request fields} (default: %(default)s)")
-    group.add_argument("--max-tokens", type=positive, default=128, help="(default: %(default)s)")
+                       help="power sampler as NAME:{json request fields}; the report's too (default: %(default)s)")
+    group.add_argument("--max-tokens", type=positive, default=128,
+                       help="per completion: teacher, on-policy training and report (default: %(default)s)")
     group.add_argument("--concurrency", type=positive, default=8,
                        help="requests at a time, teacher and report (default: %(default)s)")
     group.add_argument("--base-url", help="sample from this power sampling server instead of starting ours")
     group.add_argument("--model", help="with --base-url: its served name of the base model")
     group.add_argument("--api-key", default="none", help="with --base-url: its API key")
     group = parser.add_argument_group("train")
-    defaults = train.TrainSettings()
-    for name, value in vars(defaults).items():
+    group.add_argument("--run", help="the run's directory name in WORKDIR (default: the method's name)")
+    choices = {"method": train.METHODS, "opd_reward": train.OPD_REWARDS}
+    for name, value in vars(train.TrainSettings()).items():
         group.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                           help="(default: %(default)s)")
+                           choices=choices.get(name), help="(default: %(default)s)")
     group = parser.add_argument_group("report")
     group.add_argument("--eval-prompts", type=positive, default=64,
                        help="the first N GSM8K test questions (default: %(default)s)")
@@ -58,6 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.base_url and not args.model:
         parser.error("--base-url needs --model, the name it serves the base model under")
+    if args.run is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.run) or args.run == report.SERVED):
+        parser.error(f"--run {args.run!r}: a run is named by letters, digits, '.', '_' and '-', and not "
+                     f"'{report.SERVED}' (the base model's served name)")
     return args
 
 
@@ -83,8 +96,18 @@ def run_teacher(args: argparse.Namespace, base_model: Path) -> None:
         teacher.draw(client, "base", prompts, todo, settings, args.concurrency, path)
 
 
+def run_train(args: argparse.Namespace, base_model: Path, settings: train.TrainSettings) -> None:
+    prompts = {"max_tokens": args.max_tokens}
+    if settings.method != "sft":
+        texts = teacher.load_prompts(args.prompts, args.prompt_field, args.limit)
+        prompts |= {"texts": texts, "prompts": str(args.prompts.resolve()), "prompt_field": args.prompt_field,
+                    "count": len(texts)}
+    train.train(args.workdir, args.run or settings.method, base_model, settings, prompts)
+
+
 def run_report(args: argparse.Namespace, base_model: Path) -> None:
-    result = report.report(args.workdir, base_model, args.eval_prompts, args.concurrency)
+    result = report.report(args.workdir, base_model, args.sampler[1], args.max_tokens, args.eval_prompts,
+                           args.concurrency)
     path = args.report or args.workdir / "report.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(header("distill", sys.argv[1:]) | result, indent=2) + "\n")
@@ -106,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
         base_model = args.base_model or embedded_model.prepare()
         args.workdir.mkdir(parents=True, exist_ok=True)
-        if args.stage in ("all", "teacher"):
+        if args.stage == "teacher" or (args.stage == "all" and training.method == "sft"):
             run_teacher(args, base_model)
         if args.stage in ("all", "train"):
-            train.train(args.workdir, base_model, training)
+            run_train(args, base_model, training)
         if args.stage in ("all", "report"):
             run_report(args, base_model)
     except APIStatusError as exc:

@@ -1,8 +1,10 @@
-"""The power self-distillation pipeline (`python -m distill`), run for real at miniature scale:
-power samples from our server, a LoRA adapter trained with TRL, and the report that serves it."""
+"""The distillation pipeline (`python -m distill`), run for real at miniature scale: power samples
+from our server, LoRA adapters trained with TRL by each method (fine-tuning on those samples,
+self-reward RL, on-policy distillation from power_scalable), and the report that serves them all."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +28,22 @@ def distill(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, timeout=timeout)
 
 
+# The on-policy methods' miniature: 2 prompts, 2 completions of each per step (one batch of 4),
+# two steps saving a checkpoint after each; power_scalable's teacher with K = 3, M = 2, H = 4.
+ON_POLICY = ("--limit", "2", "--max-tokens", "8", "--batch-size", "4", "--generations", "2", "--epochs", "2",
+             "--save-steps", "1", "--learning-rate", "0.001")
+OPD_TEACHER = 'power_scalable:{"candidates": 3, "rollouts": 2, "rollout_horizon": 4}'
+
+
 @pytest.fixture(scope="module")
 def miniature(model_dir, tmp_path_factory) -> Path:
-    """The whole loop on 4 GSM8K train prompts, 8 tokens each; three steps of training on one batch
-    of all four, at a learning rate (1e-3) high enough that the adapter visibly moves the model."""
+    """Self-reward RL and on-policy distillation on 2 GSM8K train prompts; then the whole offline loop
+    on 4 prompts, 8 tokens each: three steps of training on one batch of all four; and the report
+    of all three. A learning rate of 1e-3 is high enough that each adapter visibly moves the model."""
     workdir = tmp_path_factory.mktemp("distill")
+    for method in (("--method", "self-reward"), ("--method", "opd", "--opd-teacher", OPD_TEACHER)):
+        result = distill("train", "--workdir", str(workdir), "--base-model", str(model_dir), *method, *ON_POLICY)
+        assert result.returncode == 0, result.stderr[-3000:]
     result = distill("all", "--workdir", str(workdir), "--base-model", str(model_dir), "--limit", "4",
                      "--max-tokens", "8", "--sampler", SAMPLER, "--epochs", "3", "--batch-size", "4",
                      "--learning-rate", "0.001", "--eval-prompts", "2")
@@ -67,12 +80,12 @@ def test_training_loss_is_the_completion_tokens_negative_log_likelihood(miniatur
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     samples = read_records(miniature / teacher.FILE)
-    summary = json.loads((miniature / "train.json").read_text())
+    summary = json.loads((miniature / "sft" / "train.json").read_text())
     logp = sum(completion_logp(base, s["prompt_token_ids"], s["token_ids"]) for s in samples)
     expected = -logp / sum(len(s["token_ids"]) for s in samples)
     assert summary["first_loss"] == pytest.approx(expected, abs=1e-4)
     assert summary["steps"] == 3 and summary["final_loss"] < summary["first_loss"]
-    assert sorted(p.name for p in (miniature / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(p.name for p in (miniature / "sft" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
 
 
 def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(miniature, model_dir):
@@ -83,8 +96,8 @@ def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(mi
 
     samples = read_records(miniature / teacher.FILE)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    student = PeftModel.from_pretrained(base, miniature / "adapter").eval()
-    merged = AutoModelForCausalLM.from_pretrained(miniature / "merged", dtype=torch.float32)
+    student = PeftModel.from_pretrained(base, miniature / "sft" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(miniature / "sft" / "merged", dtype=torch.float32)
     for s in samples:
         with student.disable_adapter():
             before = completion_logp(student, s["prompt_token_ids"], s["token_ids"])
@@ -95,17 +108,19 @@ def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(mi
             after, abs=0.05 * len(s["token_ids"]))
 
 
-def test_report_serves_the_adapter_beside_the_base_model(miniature):
-    """The report's server loaded the adapter as a distilled model: its answers, drawn with the
-    same seeds as the base model's, are not the base model's."""
+def test_report_serves_every_adapter_beside_the_base_model(miniature):
+    """The report's server loaded each method's adapter as a distilled model: their answers, drawn
+    with the same seeds as the base model's, are not the base model's."""
     report = json.loads((miniature / "report.json").read_text())
     assert report["command"].startswith("python -m distill all")
     summary = report["evaluation"]["summary"]
-    distilled = ["distilled model (LoRA adapter), direct", "distilled model (merged), direct"]
+    runs = ["sft", "self-reward", "opd"]
+    distilled = [f"{run} (LoRA adapter), direct" for run in runs] + [f"{run} (merged), direct" for run in runs]
     assert list(summary) == ["base model, direct", "base model, power_scalable", *distilled]
     assert all(row["completions"] == 2 for row in summary.values())
-    assert report["teacher"]["samples"] == 4 and report["training"]["steps"] == 3
-    assert "| distilled model (merged), direct |" in (miniature / "report.md").read_text()
+    assert report["teacher"]["samples"] == 4 and report["training"]["sft"]["steps"] == 3
+    assert {run: report["training"][run]["method"] for run in runs} == dict(zip(runs, runs))
+    assert "| opd (merged), direct |" in (miniature / "report.md").read_text()
     records = [json.loads(line) for line in (miniature / "eval.jsonl").read_text().splitlines()]
     answers = {(r["sampler"], r["index"]): r["token_ids"] for r in records}
     for name in distilled:
@@ -113,7 +128,7 @@ def test_report_serves_the_adapter_beside_the_base_model(miniature):
 
 
 def test_rerun_redoes_nothing(miniature, model_dir):
-    before = {name: (miniature / name).read_bytes() for name in (teacher.FILE, "train.json", "eval.jsonl")}
+    before = {name: (miniature / name).read_bytes() for name in (teacher.FILE, "sft/train.json", "eval.jsonl")}
     result = distill("teacher", "--workdir", str(miniature), "--limit", "4", "--max-tokens", "8", "--sampler", SAMPLER)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 of 4 prompts already sampled, 0 to go" in result.stderr and "Starting ours" not in result.stderr
@@ -124,7 +139,38 @@ def test_rerun_redoes_nothing(miniature, model_dir):
     assert {name: (miniature / name).read_bytes() for name in before} == before
     other = distill("train", "--workdir", str(miniature), "--base-model", str(model_dir), "--epochs", "4",
                     "--batch-size", "4", "--learning-rate", "0.001")
-    assert_clear_failure(other, "was trained with other settings or samples")
+    assert_clear_failure(other, "was trained with other settings or data")
+
+
+@pytest.mark.parametrize("run, own_metric", [("self-reward", "kl"), ("opd", "token_reward")])
+def test_on_policy_runs_log_reward_kl_gradient_norm_and_loss_every_step(miniature, run, own_metric):
+    """`kl` is GRPO's k3 estimate in the self-reward loss, `token_reward` the distillation reward."""
+    summary = json.loads((miniature / run / "train.json").read_text())
+    assert summary["method"] == run and summary["steps"] == 2
+    assert [entry["step"] for entry in summary["log"]] == [1, 2]
+    for entry in summary["log"]:
+        assert {"loss", "grad_norm", "reward", "kl_to_base", own_metric} <= set(entry)
+        assert entry["reward"] < 0  # the base model's log-likelihood of the completions
+    # Before the first update the adapter is zero (LoRA's B starts at 0): the policy is the base model.
+    assert summary["log"][0]["kl_to_base"] == 0 and summary["log"][1]["kl_to_base"] != 0
+    assert sorted(p.name for p in (miniature / run / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2"]
+
+
+def test_interrupted_on_policy_run_resumes_from_its_last_checkpoint(miniature, model_dir, tmp_path):
+    """A self-reward run stopped after its first step's checkpoint trains only the second step."""
+    shutil.copytree(miniature / "self-reward", tmp_path / "self-reward")
+    for name in ("adapter", "merged", "checkpoints/checkpoint-2"):
+        shutil.rmtree(tmp_path / "self-reward" / name)
+    (tmp_path / "self-reward" / "train.json").unlink()
+    result = distill("train", "--workdir", str(tmp_path), "--base-model", str(model_dir), "--method", "self-reward",
+                     *ON_POLICY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming training from" in result.stderr and "checkpoint-1" in result.stderr
+    first = json.loads((miniature / "self-reward" / "train.json").read_text())
+    again = json.loads((tmp_path / "self-reward" / "train.json").read_text())
+    assert again["steps"] == 2 and again["log"][0] == first["log"][0]
+    assert (tmp_path / "self-reward" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_interrupted_teacher_resumes_without_repeats_or_losses(live_server, tmp_path):
@@ -206,6 +252,26 @@ def test_training_settings_must_be_positive(tmp_path):
                          "--learning-rate must be positive")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--method", "opd", "--opd-teacher", "/no/such/model"), "neither power_scalable nor a Hugging Face model"),
+    (("--method", "opd", "--opd-teacher", 'power_scalable:{"block_size": 4}'), "block_size must be 1"),
+    (("--method", "opd", "--opd-teacher", "power_scalable:{oops"), "not power_scalable's parameters as JSON"),
+    (("--method", "self-reward", "--batch-size", "6", "--generations", "4"), "must be a multiple of --generations"),
+    (("--method", "self-reward", "--power-alpha", "1"), "--power-alpha must exceed 1"),
+    (("--method", "rl",), "invalid choice: 'rl'"),
+    (("--run", "base"), "not 'base'"),
+])
+def test_bad_on_policy_settings_end_with_a_clear_message(flags, message, tmp_path):
+    assert_clear_failure(distill("train", "--workdir", str(tmp_path), *flags), message)
+
+
+def test_opd_teacher_must_share_the_base_models_tokenizer(model_dir, tmp_path):
+    teacher_model = tiny_models.build(tmp_path / "tiny", seed=0, sharpness=1.0, eos_bias=0.0)
+    result = distill("train", "--workdir", str(tmp_path), "--base-model", str(model_dir), "--method", "opd",
+                     "--opd-teacher", str(teacher_model), *ON_POLICY)
+    assert_clear_failure(result, "its tokenizer is not the base model's")
+
+
 def test_base_model_must_be_a_model_directory(tmp_path):
     result = distill("train", "--workdir", str(tmp_path), "--base-model", str(tmp_path))
     assert_clear_failure(result, "is not a Hugging Face model directory")
@@ -215,6 +281,7 @@ def test_report_refuses_an_adapter_that_does_not_fit(tmp_path):
     """Trained for another model (the tiny Llama of the sampler tests): vLLM would serve it as if it
     were absent, so the report stops before it starts a server."""
     (tmp_path / teacher.FILE).write_text(json.dumps({"index": 0, "settings": {"sampler": {}, "max_tokens": 1}}) + "\n")
-    (tmp_path / "train.json").write_text("{}")
-    save_lora(tiny_models.build(tmp_path / "tiny", seed=0, sharpness=1.0, eos_bias=0.0), tmp_path / "adapter")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "train.json").write_text("{}")
+    save_lora(tiny_models.build(tmp_path / "tiny", seed=0, sharpness=1.0, eos_bias=0.0), tmp_path / "sft" / "adapter")
     assert_clear_failure(distill("report", "--workdir", str(tmp_path)), "does not fit the model")

@@ -1,0 +1,181 @@
+"""On-policy routes to the power distribution, on TRL's GRPOTrainer with a PEFT LoRA adapter.
+
+- Self-reward RL (algorithms.md section 3): the reward of a completion is its log-likelihood under
+  the base model, log p(y|x), and the KL weight against the base model is beta = 1/(alpha - 1),
+  whose exact optimum max_pi E_pi[log p] - beta KL(pi || p) is pi ∝ p^alpha. GRPO's estimator departs
+  from that objective in two places, both documented where they are set in `grpo_config`:
+    1. Its KL term is the per-token k3 estimate exp(q) - q - 1, with q = log p(y_t) - log pi(y_t),
+       added to the loss. On the policy's own samples its gradient is that of the forward
+       KL(p || pi) at each position, not of the sequence-level reverse KL(pi || p) of the objective.
+       The two agree to second order near pi = p, and differ as the policy moves away from p.
+    2. Its baseline is the group's mean reward, taken over the same completions: that scales the
+       policy gradient by (G - 1)/G, a constant, and adds no bias. Rewards are not divided by the
+       group's standard deviation, which would change the effective beta from step to step.
+- On-policy distillation (algorithms.md section 4): the student samples, the teacher scores each
+  of the student's tokens, and the per-token reward (distill/rewards.py: the log-ratio, or
+  PowerOPD's bounded p_T^a - p_S^a) replaces GRPO's advantage at that token. With one gradient
+  step per batch GRPO's importance ratio is exactly 1, so its loss is then exactly the REINFORCE
+  loss -(r_t.detach() * log p_S(y_t)). The teacher is any model the engine can load, or
+  power_scalable's token-level power conditional on the base model (on-policy power
+  self-distillation); both run on a vLLM engine in this process.
+
+Each step logs the mean self-reward `reward`, `kl_to_base` (the mean over completions of
+sum_t log pi(y_t) - log p(y_t), an unbiased estimate of KL(pi || p) on pi's own samples),
+`grad_norm` and `loss`; on-policy distillation also logs `token_reward`.
+"""
+
+import asyncio
+import json
+import math
+import uuid
+from pathlib import Path
+
+from benchmarks.load import UsageError
+from distill.rewards import token_rewards
+
+
+class SelfReward:
+    """The GRPO reward function log p(y|x) under the base model: the self-reward of every method."""
+
+    __name__ = "self_reward"
+
+    def __init__(self, base_model: Path, tokenizer):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompts: list[list[dict]], completion_ids: list[list[int]], **_) -> list[float]:
+        from benchmarks.quality import completion_logp
+
+        # The same chat template call that GRPOTrainer tokenises its prompts with.
+        prompt_ids = self.tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"]
+        return [completion_logp(self.model, p, c) for p, c in zip(prompt_ids, completion_ids)]
+
+
+class ModelTeacher:
+    """A teacher model on the engine: log p_T(y_t) is its own log-probability of the student's token."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def token_logps(self, prompts: list[list[int]], completions: list[list[int]], budget: int) -> list[list[float]]:
+        model = self.engine.model
+
+        async def score_all():
+            return await asyncio.gather(*(model.score(p + c, len(p), uuid.uuid4().hex)
+                                          for p, c in zip(prompts, completions)))
+
+        return self.engine.run(score_all())
+
+
+class PowerTeacher:
+    """power_scalable's token-level conditional of p^alpha on the base model: p_T(y_t) is its estimate
+    of pi_alpha(y_t | prefix), 0 when y_t is not among its K candidates (log p_T = -inf)."""
+
+    def __init__(self, engine, params):
+        self.engine = engine
+        self.params = params
+
+    def token_logps(self, prompts: list[list[int]], completions: list[list[int]], budget: int) -> list[list[float]]:
+        from samplers.power_scalable import next_token_law
+
+        async def one(prompt: list[int], completion: list[int], t: int) -> float:
+            law = await next_token_law(self.engine.model, prompt + completion[:t], budget - t, self.params,
+                                       uuid.uuid4().hex)
+            return math.log(law[completion[t]]) if law.get(completion[t], 0.0) > 0 else -math.inf
+
+        async def all_positions():
+            # Every position of every completion at once: the engine batches the probes and rollouts.
+            return await asyncio.gather(*(asyncio.gather(*(one(p, c, t) for t in range(len(c))))
+                                          for p, c in zip(prompts, completions)))
+
+        return [list(row) for row in self.engine.run(all_positions())]
+
+
+POWER_TEACHER = "power_scalable"
+
+
+def parse_teacher(spec: str) -> tuple[str, dict]:
+    """`power_scalable` or `power_scalable:{json params}`, or a model directory -> (kind, details)."""
+    name, _, fields = spec.partition(":")
+    if name == POWER_TEACHER:
+        from pydantic import ValidationError
+
+        from samplers.power_scalable import PowerScalableParams
+
+        try:
+            # Token level unless told otherwise, which is refused below.
+            params = PowerScalableParams(**{"block_size": 1, **json.loads(fields or "{}")})
+        except (json.JSONDecodeError, TypeError, ValidationError) as exc:
+            raise UsageError(f"--opd-teacher {spec!r}: not power_scalable's parameters as JSON: {exc}") from None
+        if params.block_size != 1:
+            raise UsageError("--opd-teacher power_scalable: the teacher's conditional is per token; "
+                             "block_size must be 1")
+        return POWER_TEACHER, params.model_dump(exclude_unset=True)
+    if not (Path(spec) / "config.json").is_file():
+        raise UsageError(f"--opd-teacher {spec!r} is neither power_scalable nor a Hugging Face model directory")
+    return "model", {"path": str(Path(spec).resolve())}
+
+
+def open_teacher(spec: str, base_model: Path, power_alpha: float):
+    """The engine and the teacher of `spec` (see parse_teacher); power_scalable's alpha defaults to
+    `power_alpha`. The engine must be closed by the caller."""
+    from samplers.power_scalable import PowerScalableParams
+    from samplers.vllm_engine import BlockingModel
+    from server.__main__ import parse_args
+
+    kind, details = parse_teacher(spec)
+    if kind == "model":
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(details["path"]).get_vocab() != AutoTokenizer.from_pretrained(
+                base_model).get_vocab():
+            raise UsageError(f"--opd-teacher {spec}: its tokenizer is not the base model's, so it cannot "
+                             "score the student's tokens")
+    engine = BlockingModel(parse_args(["--model", str(base_model if kind == POWER_TEACHER else details["path"])]))
+    if kind == POWER_TEACHER:
+        return engine, PowerTeacher(engine, PowerScalableParams(**{"power_alpha": power_alpha, **details}))
+    return engine, ModelTeacher(engine)
+
+
+def trainer_class():
+    """GRPOTrainer with the KL to the base model logged at every step and, given a teacher,
+    per-token distillation rewards in place of its advantages (defined here: TRL loads lazily)."""
+    import torch
+    from trl import GRPOTrainer
+
+    class OnPolicyTrainer(GRPOTrainer):
+        def __init__(self, *args, teacher=None, reward_kind: str = "power", exponent: float = 1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher, self.reward_kind, self.exponent = teacher, reward_kind, exponent
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+            completion_ids, mask = output["completion_ids"], output["completion_mask"]
+            ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+            with torch.no_grad():
+                student = self._get_per_token_logps_and_entropies(self.model, ids, attention,
+                                                                  completion_ids.size(1))[0]
+                base = output.get("ref_per_token_logps")
+                if base is None:
+                    with self.accelerator.unwrap_model(self.model).disable_adapter():
+                        base = self._get_per_token_logps_and_entropies(self.model, ids, attention,
+                                                                       completion_ids.size(1))[0]
+            self._metrics["train"]["kl_to_base"].append(((student - base) * mask).sum(1).mean().item())
+            if self.teacher is None:
+                return output
+            prompts = [row[keep.bool()].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
+            completions = [row[keep.bool()].tolist() for row, keep in zip(completion_ids, mask)]
+            teacher = torch.zeros_like(student)
+            for i, row in enumerate(self.teacher.token_logps(prompts, completions, self.max_completion_length)):
+                teacher[i, :len(row)] = torch.tensor(row)
+            rewards = token_rewards(self.reward_kind, self.exponent, teacher, student) * mask
+            output["advantages"] = rewards
+            self._metrics["train"]["token_reward"].append((rewards.sum() / mask.sum().clamp(min=1)).item())
+            return output
+
+    return OnPolicyTrainer
