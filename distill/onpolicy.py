@@ -3,14 +3,16 @@
 - Self-reward RL (algorithms.md section 3): the reward of a completion is its log-likelihood under
   the base model, log p(y|x), and the KL weight against the base model is beta = 1/(alpha - 1),
   whose exact optimum max_pi E_pi[log p] - beta KL(pi || p) is pi ∝ p^alpha. GRPO's estimator departs
-  from that objective in two places, both documented where they are set in `grpo_config`:
+  from that objective in two places (its settings are in distill/train.py, `onpolicy_trainer`):
     1. Its KL term is the per-token k3 estimate exp(q) - q - 1, with q = log p(y_t) - log pi(y_t),
        added to the loss. On the policy's own samples its gradient is that of the forward
        KL(p || pi) at each position, not of the sequence-level reverse KL(pi || p) of the objective.
-       The two agree to second order near pi = p, and differ as the policy moves away from p.
+       The two gradients agree to first order near pi = p, and part as the policy moves away from p.
     2. Its baseline is the group's mean reward, taken over the same completions: that scales the
-       policy gradient by (G - 1)/G, a constant, and adds no bias. Rewards are not divided by the
-       group's standard deviation, which would change the effective beta from step to step.
+       policy gradient by (G - 1)/G and adds no bias, but leaves the KL term's gradient unscaled,
+       which would weigh the KL by beta * G/(G - 1). GRPO is given beta * (G - 1)/G instead, so
+       that the two stand in the ratio of the objective. Rewards are not divided by the group's
+       standard deviation, which would change the effective beta from step to step.
 - On-policy distillation (algorithms.md section 4): the student samples, the teacher scores each
   of the student's tokens, and the per-token reward (distill/rewards.py: the log-ratio, or
   PowerOPD's bounded p_T^a - p_S^a) replaces GRPO's advantage at that token. With one gradient

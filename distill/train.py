@@ -139,6 +139,8 @@ def train(workdir: Path, run: str, base_model: Path, settings: TrainSettings, pr
                "log": log}
     if samples:
         summary["completion_tokens"] = sum(len(s["token_ids"]) for s in samples)
+    if settings.method == "self-reward":
+        summary["grpo_beta"] = kl_weight(settings)
     summary_path.write_text(json.dumps(summary, indent=2))
     logger.info("Adapter written to %s (%d steps, loss %s -> %s)", adapter, result.global_step,
                 summary["first_loss"], summary["final_loss"])
@@ -183,6 +185,11 @@ def sft_trainer(samples: list[dict], checkpoints: Path, base_model: Path, settin
                       train_dataset=Dataset.from_list(list(teacher.iter_training_examples(samples))))
 
 
+def kl_weight(settings: TrainSettings) -> float:
+    """GRPO's beta for the self-reward objective's KL weight 1/(alpha - 1), given its baseline."""
+    return (settings.generations - 1) / settings.generations / (settings.power_alpha - 1)
+
+
 def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, settings: TrainSettings):
     """The GRPO trainer of an on-policy method, and what closes its teacher's engine (or None)."""
     from datasets import Dataset
@@ -196,8 +203,10 @@ def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, setting
         **common_arguments(checkpoints, settings), num_generations=settings.generations,
         max_completion_length=prompts["max_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         # Self-reward: beta = 1/(alpha - 1) (algorithms.md section 3), against the base model (the
-        # adapter switched off). Distillation: no KL term; the teacher's reward is the whole signal.
-        beta=1 / (settings.power_alpha - 1) if self_reward else 0.0,
+        # adapter switched off), times (G - 1)/G: the group-mean baseline scales the reward's
+        # gradient by that much and not the KL's (distill/onpolicy.py). Distillation: no KL term;
+        # the teacher's reward is the whole signal.
+        beta=kl_weight(settings) if self_reward else 0.0,
         # No division by the group's reward spread, which would rescale beta's weight each step;
         # losses summed over tokens and divided by a constant, so that long completions weigh as
         # their log-likelihood does (GRPO's per-sequence mean would not).

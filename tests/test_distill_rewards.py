@@ -9,6 +9,7 @@ import torch
 
 from distill import rewards
 from distill.onpolicy import ModelTeacher, PowerTeacher, SelfReward
+from distill.train import TrainSettings, kl_weight
 from samplers.power_scalable import PowerScalableParams
 from tests import tiny_models
 
@@ -51,6 +52,12 @@ def test_power_reward_over_its_exponent_tends_to_the_log_ratio():
     errors = [(rewards.power(teacher, student, a) / a - exact).abs().max().item() for a in (1e-2, 1e-4, 1e-6)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
     assert errors[1] == pytest.approx(errors[0] / 100, rel=0.05)
+
+
+def test_self_reward_kl_weight_allows_for_grpos_baseline():
+    """beta = 1/(alpha - 1), times (G - 1)/G for the group-mean baseline: alpha 4, G 4 -> 1/3 * 3/4."""
+    assert kl_weight(TrainSettings(method="self-reward", power_alpha=4.0, generations=4)) == pytest.approx(0.25)
+    assert kl_weight(TrainSettings(method="self-reward", power_alpha=2.0, generations=2)) == pytest.approx(0.5)
 
 
 def test_self_reward_is_the_base_models_log_likelihood_of_the_completion(model_dir):
