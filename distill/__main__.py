@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -112,11 +113,15 @@ def run_report(args: argparse.Namespace, base_model: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(header("distill", sys.argv[1:]) | result, indent=2) + "\n")
     path.with_suffix(".md").write_text(report.table(result))
+    report.plot(result, path.with_suffix(".png"))
     print(report.table(result))
-    logging.getLogger("distill").info("Wrote %s and %s", path, path.with_suffix(".md"))
+    logging.getLogger("distill").info("Wrote %s, and beside it the table (.md) and the plot (.png)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A termination signal unwinds like Ctrl-C, so that the servers and engines a stage started
+    # (vLLM's engine runs in processes of its own) are shut down rather than left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2"):  # a line per request would bury the progress bars
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -96,3 +96,25 @@ def table(result: dict) -> str:
         lines.append(f"\nsft also needed the teacher's {t['samples']} power samples "
                      f"({t['mean_latency_s']:.1f} s each, several at a time).")
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Self-reward per token against decode latency, a point per row: what each road buys for its cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, row in result["evaluation"]["summary"].items():
+        ax.plot(row["latency_ratio_to_base_direct"], row["mean_logp_per_token"], "o",
+                color="tab:red" if name.startswith("base") else "tab:blue")
+        ax.annotate(name, (row["latency_ratio_to_base_direct"], row["mean_logp_per_token"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("median decode latency / the base model's (direct)")
+    ax.set_ylabel("self-reward: base-model log p per token")
+    ax.set_title(f"GSM8K test, first {result['evaluation']['prompts']} questions: "
+                 "distilled models (blue) against the base model (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -121,6 +121,7 @@ def test_report_serves_every_adapter_beside_the_base_model(miniature):
     assert report["teacher"]["samples"] == 4 and report["training"]["sft"]["steps"] == 3
     assert {run: report["training"][run]["method"] for run in runs} == dict(zip(runs, runs))
     assert "| opd (merged), direct |" in (miniature / "report.md").read_text()
+    assert (miniature / "report.png").read_bytes().startswith(b"\x89PNG")
     records = [json.loads(line) for line in (miniature / "eval.jsonl").read_text().splitlines()]
     answers = {(r["sampler"], r["index"]): r["token_ids"] for r in records}
     for name in distilled:
@@ -147,6 +148,8 @@ def test_on_policy_runs_log_reward_kl_gradient_norm_and_loss_every_step(miniatur
     """`kl` is GRPO's k3 estimate in the self-reward loss, `token_reward` the distillation reward."""
     summary = json.loads((miniature / run / "train.json").read_text())
     assert summary["method"] == run and summary["steps"] == 2
+    if run == "self-reward":  # beta = 1/(alpha - 1) = 1/3, times (G - 1)/G = 1/2 for GRPO's baseline
+        assert summary["grpo_beta"] == pytest.approx(1 / 6)
     assert [entry["step"] for entry in summary["log"]] == [1, 2]
     for entry in summary["log"]:
         assert {"loss", "grad_norm", "reward", "kl_to_base", own_metric} <= set(entry)
@@ -171,6 +174,27 @@ def test_interrupted_on_policy_run_resumes_from_its_last_checkpoint(miniature, m
     again = json.loads((tmp_path / "self-reward" / "train.json").read_text())
     assert again["steps"] == 2 and again["log"][0] == first["log"][0]
     assert (tmp_path / "self-reward" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_terminated_on_policy_run_leaves_no_engine_behind(model_dir, tmp_path):
+    """SIGTERM in the middle of on-policy distillation shuts the teacher's vLLM engine down (its
+    processes are children of the run's) instead of leaving it running."""
+    import psutil
+
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distill", "train", "--workdir", str(tmp_path), "--base-model", str(model_dir),
+             "--method", "opd", "--opd-teacher", OPD_TEACHER, *ON_POLICY], stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "0/2 [" not in log.read_text():  # training has begun
+        time.sleep(0.2)
+    engine = psutil.Process(process.pid).children(recursive=True)
+    assert engine, "the teacher's engine runs in processes of its own"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(engine, timeout=30)
+    assert not alive
 
 
 def test_interrupted_teacher_resumes_without_repeats_or_losses(live_server, tmp_path):
