@@ -41,6 +41,8 @@ def report(workdir: Path, base_model: Path, sampler: dict, max_tokens: int, prom
         raise UsageError(f"{workdir} has no trained adapter: run the train stage first")
     weights = {}
     for run in runs:
+        if not (workdir / run / train.MERGED / "config.json").is_file():
+            raise UsageError(f"{workdir / run} has an adapter but no merged model: rerun its train stage")
         try:
             check_fits(base_model, workdir / run / train.ADAPTER)
         except ValueError as exc:

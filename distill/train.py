@@ -211,14 +211,14 @@ def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, setting
         # losses summed over tokens and divided by a constant, so that long completions weigh as
         # their log-likelihood does (GRPO's per-sequence mean would not).
         scale_rewards="none", loss_type="dr_grpo", log_completions=False)
-    engine, teacher_ = (None, None) if self_reward else onpolicy.open_teacher(settings.opd_teacher, base_model,
-                                                                                settings.power_alpha)
+    engine, opd_teacher = (None, None) if self_reward else onpolicy.open_teacher(settings.opd_teacher, base_model,
+                                                                                   settings.power_alpha)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in prompts["texts"]])
     try:
         trainer = onpolicy.trainer_class()(
             model=model, args=config, processing_class=tokenizer, peft_config=lora_config(settings),
             reward_funcs=[onpolicy.SelfReward(base_model, tokenizer)], train_dataset=dataset,
-            teacher=teacher_, reward_kind=settings.opd_reward, exponent=settings.opd_exponent)
+            teacher=opd_teacher, reward_kind=settings.opd_reward, exponent=settings.opd_exponent)
     except BaseException:
         if engine:
             engine.close()

@@ -138,12 +138,13 @@ class BlockingModel:
 
     def close(self) -> None:
         self.model.shutdown()
-        # vLLM's output-handler task lives in this loop; end it before closing the loop, or the
-        # interpreter hangs at exit.
+        # vLLM's output-handler task lives in this loop once it has run; end it before closing the
+        # loop, or the interpreter hangs at exit.
         pending = asyncio.all_tasks(self.loop)
         for task in pending:
             task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
 
 

@@ -192,7 +192,7 @@ def test_terminated_on_policy_run_leaves_no_engine_behind(model_dir, tmp_path):
     engine = psutil.Process(process.pid).children(recursive=True)
     assert engine, "the teacher's engine runs in processes of its own"
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     gone, alive = psutil.wait_procs(engine, timeout=30)
     assert not alive
 
@@ -308,4 +308,6 @@ def test_report_refuses_an_adapter_that_does_not_fit(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "train.json").write_text("{}")
     save_lora(tiny_models.build(tmp_path / "tiny", seed=0, sharpness=1.0, eos_bias=0.0), tmp_path / "sft" / "adapter")
+    assert_clear_failure(distill("report", "--workdir", str(tmp_path)), "no merged model: rerun its train stage")
+    shutil.copytree(tmp_path / "tiny", tmp_path / "sft" / "merged")
     assert_clear_failure(distill("report", "--workdir", str(tmp_path)), "does not fit the model")
