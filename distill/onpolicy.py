@@ -159,14 +159,16 @@ def trainer_class():
             prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
             completion_ids, mask = output["completion_ids"], output["completion_mask"]
             ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+
+            def completion_logps():
+                return self._get_per_token_logps_and_entropies(self.model, ids, attention, completion_ids.size(1))[0]
+
             with torch.no_grad():
-                student = self._get_per_token_logps_and_entropies(self.model, ids, attention,
-                                                                  completion_ids.size(1))[0]
-                base = output.get("ref_per_token_logps")
+                student = completion_logps()
+                base = output.get("ref_per_token_logps")  # GRPO's own, when it has a KL term
                 if base is None:
                     with self.accelerator.unwrap_model(self.model).disable_adapter():
-                        base = self._get_per_token_logps_and_entropies(self.model, ids, attention,
-                                                                       completion_ids.size(1))[0]
+                        base = completion_logps()
             self._metrics["train"]["kl_to_base"].append(((student - base) * mask).sum(1).mean().item())
             if self.teacher is None:
                 return output
