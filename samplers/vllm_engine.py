@@ -2,9 +2,11 @@
 
 import argparse
 import asyncio
+import logging
 import typing
 from collections.abc import AsyncIterator, Mapping
 
+import torch
 from vllm import SamplingParams
 from vllm.config.lora import MaxLoRARanks
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -24,6 +26,21 @@ from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, TokenLogpro
 CPU_KV_CACHE_BYTES = 2 << 30
 PROCESSED_LOGPROBS = "processed_logprobs"
 LORA_RANKS = typing.get_args(MaxLoRARanks)  # the adapter ranks vLLM can be sized for
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_dtype() -> tuple[str, str]:
+    """The engine dtype on this CPU when `--dtype` is left at `auto`, and the reason.
+
+    bf16 pays only where the CPU has bf16 instructions (AVX-512 BF16, or AMX) and PyTorch runs its
+    AVX-512 kernels. Elsewhere bf16 is emulated through float32, and the embedded model then decodes
+    8 requests at once about 2.2x slower in bf16 than in float32 (README, "Engine dtype on CPU").
+    """
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if torch.cpu._is_avx512_bf16_supported() and kernels.startswith("AVX512"):
+        return "auto", f"the CPU has bf16 instructions and PyTorch runs its {kernels} kernels"
+    return "float32", f"bf16 would be emulated here (PyTorch runs its {kernels} kernels without bf16 instructions)"
 
 
 class VllmModel:
@@ -63,6 +80,10 @@ class VllmModel:
             engine_args.enable_lora = True
             engine_args.max_loras = max(engine_args.max_loras, len(adapters))
             engine_args.max_lora_rank = min(r for r in LORA_RANKS if r >= adapter_rank)
+        if current_platform.is_cpu() and engine_args.dtype == "auto":
+            engine_args.dtype, reason = cpu_dtype()
+            logger.info("Engine dtype %s: %s; --dtype overrides it.",
+                        "as the model's config" if engine_args.dtype == "auto" else engine_args.dtype, reason)
         if current_platform.is_cpu() and engine_args.kv_cache_memory_bytes is None:
             engine_args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         if current_platform.is_cpu() and engine_args.enable_chunked_prefill is None:
