@@ -4,6 +4,7 @@ It runs in float32 so that its log-probabilities can be checked tightly against 
 forward pass, and with an API key so that authentication is exercised on every call.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,7 @@ from openai import OpenAI
 
 from benchmarks.vs_vllm import free_port
 from server import embedded_model
+from tests.pace import Pace, measure_pace
 
 API_KEY = "test-key"
 MODEL = embedded_model.MODEL_NAME
@@ -41,6 +44,15 @@ class LiveServer:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"},
                             timeout=120)
+
+    @cached_property
+    def pace(self) -> Pace:
+        """This server's decoding speed, measured on first use."""
+        with self.http() as http:
+            measured = measure_pace(http, MODEL)
+        logging.getLogger(__name__).info("%s decodes %.1f tokens/s alone (%.1fx the reference machine's time)",
+                                         self.url, 1 / measured.s_per_token, measured.slowdown)
+        return measured
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,13 @@
 """Admission control and deadlines on a server with tight limits: one power_mcmc request at a time
-with one waiting, a cost cap, and a short maximum deadline."""
+with one waiting, a cost cap, and a short maximum deadline.
+
+The scenarios need power_mcmc requests that hold their slot while the test looks on. A holder is made
+long enough, from the server's measured pace, that it cannot finish within the scenario on any
+machine, and the test ends it by leaving, so that its length costs nothing.
+"""
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -14,65 +20,95 @@ from tests.test_errors import assert_error
 from tests.test_metrics_and_cancel import scrape, wait_until_idle
 
 COST_CAP = 20000
-# A power_mcmc request that keeps the engine busy for several seconds on two CPU cores.
-SLOW_MCMC = {"sampler": "power_mcmc", "mcmc_steps": 2, "ignore_eos": True}
+MAX_REQUEST_TIMEOUT_S = 120
+# q = p (proposal temperature 1), so a holder is never scored and costs little of the cap.
+HOLD = {"sampler": "power_mcmc", "mcmc_steps": 2, "proposal_temperature": 1.0, "ignore_eos": True}
+HOLD_PROMPT = "Once upon a time"
+# Its first pass alone decodes max_tokens tokens one after another; the scenarios last a few seconds.
+HOLD_S = 20
+MAX_HOLD_TOKENS = 448  # within the server's context of 512 and the cost cap
 
 
 @pytest.fixture(scope="module")
 def guarded(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("guarded") / "server.log"
     flags = ("--max-model-len", "512", "--max-concurrent", "power_mcmc=1", "--max-queued", "power_mcmc=1",
-             "--max-request-cost", str(COST_CAP), "--max-request-timeout", "120")
+             "--max-request-cost", str(COST_CAP), "--max-request-timeout", str(MAX_REQUEST_TIMEOUT_S))
     with running_server(model_dir, log, *flags) as (server, _):
         yield server
+
+
+@pytest.fixture(scope="module")
+def holder(guarded) -> dict:
+    """The body of a power_mcmc request that keeps its slot for at least HOLD_S on this machine."""
+    max_tokens = min(MAX_HOLD_TOKENS, guarded.pace.tokens_for(HOLD_S))
+    assert max_tokens * guarded.pace.s_per_token >= HOLD_S / 2, "this machine decodes too fast for the holder"
+    return {"model": MODEL, "prompt": HOLD_PROMPT, "max_tokens": max_tokens, **HOLD}
+
+
+def test_the_engine_dtype_follows_the_cpu(guarded):
+    """This server is started without --dtype: it logs the dtype chosen for this CPU and why
+    (tests/test_engine_dtype.py checks the rule itself)."""
+    from samplers.vllm_engine import cpu_dtype
+
+    dtype, reason = cpu_dtype()
+    log = guarded.log.read_text()
+    assert reason in log
+    assert f"dtype=torch.{'bfloat16' if dtype == 'auto' else dtype}," in log  # vLLM's engine config line
+
+
+def async_http(server) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                             timeout=server.pace.timeout(60))
+
+
+async def leave(*tasks: asyncio.Task) -> None:
+    """Give up on requests still in flight: the client closes their connections."""
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*tasks)
 
 
 def queued(http) -> float:
     return scrape(http)[("powerserve_requests_queued", frozenset({"model": MODEL, "sampler": "power_mcmc"}.items()))]
 
 
-def test_overload_queues_then_refuses_while_direct_keeps_serving(guarded):
-    client = openai.AsyncOpenAI(base_url=f"{guarded.url}/v1", api_key=API_KEY, max_retries=0)
-    finished = {}
-
-    async def power(i: int):
-        try:
-            await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=32,
-                                            extra_body=SLOW_MCMC)
-            outcome = "ok"
-        except openai.RateLimitError as exc:
-            outcome = exc
-        finished[i] = time.monotonic()
-        return outcome
-
+def test_overload_queues_then_refuses_while_direct_keeps_serving(guarded, holder):
     async def scenario():
-        started = time.monotonic()
-        powers = [asyncio.create_task(power(i)) for i in range(4)]
-        await asyncio.sleep(1.0)
-        with guarded.http() as http:
-            queue_while_busy = queued(http)
-        direct = await client.completions.create(model=MODEL, prompt="Hi", max_tokens=8)
-        finished["direct"] = time.monotonic()
-        return started, queue_while_busy, direct, await asyncio.gather(*powers)
+        async with async_http(guarded) as http:
+            started = time.monotonic()
+            powers = [asyncio.create_task(http.post("/v1/completions", json=holder)) for _ in range(4)]
+            # Two of the four are refused at once; the others hold the slot and the queue.
+            while sum(task.done() for task in powers) < 2 and time.monotonic() - started < 5:
+                await asyncio.sleep(0.05)
+            refused_s = time.monotonic() - started
+            refused = [task for task in powers if task.done()]
+            with guarded.http() as metrics:
+                queue_while_busy = queued(metrics)
+            direct = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 8})
+            still_held = sum(not task.done() for task in powers)
+            await leave(*(task for task in powers if not task.done()))
+            return refused_s, [task.result() for task in refused], queue_while_busy, direct, still_held
 
-    started, queue_while_busy, direct, outcomes = asyncio.run(scenario())
-    refused = [(i, o) for i, o in enumerate(outcomes) if o != "ok"]
+    refused_s, refused, queue_while_busy, direct, still_held = asyncio.run(scenario())
     # One runs, one waits for it, and the two beyond the queue are refused at once.
-    assert len(refused) == 2, outcomes
-    for i, exc in refused:
-        assert finished[i] - started < 2
-        assert int(exc.response.headers["retry-after"]) >= 1
-        assert exc.body["type"] == "rate_limit_error" and "power_mcmc" in exc.body["message"]
+    assert len(refused) == 2 and refused_s < 2
+    for response in refused:
+        assert_error(response, 429, says="power_mcmc")
+        assert response.json()["error"]["type"] == "rate_limit_error"
+        assert int(response.headers["retry-after"]) >= 1
     assert queue_while_busy == 1
     # The plain request was served while the power requests still held their slot and queue.
-    assert direct.choices[0].text
-    served = [finished[i] for i, o in enumerate(outcomes) if o == "ok"]
-    assert finished["direct"] < min(served)
+    assert direct.status_code == 200 and direct.json()["choices"][0]["text"]
+    assert still_held == 2
     with guarded.http() as http:
+        wait_until_idle(http)
         assert queued(http) == 0
         counted = scrape(http)
     labels = {"model": MODEL, "sampler": "power_mcmc"}
     assert counted[("powerserve_requests_total", frozenset({**labels, "outcome": "rejected"}.items()))] == 2
+    assert counted[("powerserve_requests_total", frozenset({**labels, "outcome": "aborted"}.items()))] >= 2
 
 
 def test_cost_cap_refuses_with_the_reason_and_bounds_the_real_spend(guarded):
@@ -98,43 +134,52 @@ def test_cost_cap_refuses_with_the_reason_and_bounds_the_real_spend(guarded):
         assert 0 < spent <= bound, fields
 
 
-def test_deadline_gives_504_and_stops_the_engine_work(guarded):
+def test_deadline_gives_504_and_stops_the_engine_work(guarded, holder):
     client = guarded.client()
     start = time.monotonic()
     with pytest.raises(openai.InternalServerError) as caught:  # not retried: x-should-retry false
         client.with_options(max_retries=2).completions.create(
-            model=MODEL, prompt="Hi", max_tokens=64, extra_body={**SLOW_MCMC, "request_timeout": 1.5})
+            model=MODEL, prompt=HOLD_PROMPT, max_tokens=holder["max_tokens"],
+            extra_body={**HOLD, "request_timeout": 1.5})
     assert caught.value.status_code == 504 and caught.value.body["param"] == "request_timeout"
     assert time.monotonic() - start < 3
     with guarded.http() as http:
         left = time.monotonic()
         assert wait_until_idle(http) - left < 2
         events = []
-        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 64, "stream": True, "request_timeout": 1.5,
-                **SLOW_MCMC}
-        with http.stream("POST", "/v1/completions", json=body) as response:
+        with http.stream("POST", "/v1/completions", json={**holder, "stream": True, "request_timeout": 1.5}) as response:
             events = [line for line in response.iter_lines() if line]
         left = time.monotonic()
         assert wait_until_idle(http) - left < 2
         assert events[-1] == "data: [DONE]"
         assert '"code": 504' in events[-2]
         assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
-                                                         "request_timeout": 121}), 400, "request_timeout")
+                                                         "request_timeout": MAX_REQUEST_TIMEOUT_S + 1}),
+                     400, "request_timeout")
 
 
-def test_a_queued_request_times_out_in_the_queue(guarded):
+def test_a_queued_request_times_out_in_the_queue(guarded, holder):
     async def scenario():
-        async with httpx.AsyncClient(base_url=guarded.url, headers={"Authorization": f"Bearer {API_KEY}"},
-                                     timeout=60) as http:
-            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 32, **SLOW_MCMC}
-            holder = asyncio.create_task(http.post("/v1/completions", json=body))
-            await asyncio.sleep(0.5)
+        async with async_http(guarded) as http:
+            holding = asyncio.create_task(http.post("/v1/completions", json=holder))
+            while not holding_its_slot(guarded):
+                await asyncio.sleep(0.05)
             start = time.monotonic()
-            waiter = await http.post("/v1/completions", json={**body, "request_timeout": 1})
+            waiter = await http.post("/v1/completions", json={**holder, "request_timeout": 1})
             waited = time.monotonic() - start
-            return waiter, waited, await holder
+            held = not holding.done()
+            await leave(holding)
+            return waiter, waited, held
 
-    waiter, waited, holder = asyncio.run(scenario())
+    waiter, waited, held = asyncio.run(scenario())
     assert_error(waiter, 504, "request_timeout")
     assert waited < 2.5
-    assert holder.status_code == 200
+    assert held  # the slot was taken all along: the waiter timed out in the queue, not running
+    with guarded.http() as http:
+        wait_until_idle(http)
+
+
+def holding_its_slot(server) -> bool:
+    """Whether the holder has its slot: its engine requests run."""
+    with server.http() as http:
+        return any(name == "vllm:num_requests_running" and v > 0 for (name, _), v in scrape(http).items())

@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import hypothesis
 import pytest
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     set_hypothesis_home_dir(embedded_model.cache_root().parent / "hypothesis")
 
-REQUEST_TIMEOUT_S = 60
+# A call's time limit on the machine on which the suite's seconds were chosen; stretched by the fuzz
+# server's measured pace (tests/pace.py).
+REFERENCE_TIMEOUT_S = 60
 # Examples per operation (Hypothesis stops earlier when it has tried every distinct input).
 MAX_EXAMPLES = 300
 # Bounds on the requests that name the served model, so that each costs well under a second.
@@ -49,13 +52,20 @@ SERVED_FIELDS = {"model", "sampler", "n", "temperature", "top_p", "top_k", "seed
 STATUSES: defaultdict[str, Counter] = defaultdict(Counter)
 
 
+@dataclass
+class Fuzzed:
+    schema: schemathesis.BaseSchema
+    timeout_s: float  # for every call: past it, the call has hung
+
+
 @pytest.fixture(scope="module")
-def fuzz_schema(model_dir, tmp_path_factory) -> Iterator[schemathesis.BaseSchema]:
+def fuzzed(model_dir, tmp_path_factory) -> Iterator[Fuzzed]:
     log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
     with running_server(model_dir, log_path, "--max-model-len", "128") as (server, _):
+        timeout_s = server.pace.timeout(REFERENCE_TIMEOUT_S)
         config = schemathesis.Config.from_dict({
             "headers": {"Authorization": f"Bearer {API_KEY}"},
-            "request-timeout": REQUEST_TIMEOUT_S,
+            "request-timeout": timeout_s,
             # Read every stream to its end (the default stops after 20 events).
             "max-stream-events": 100_000,
             # Failures print a curl reproduction: whole, and with `max_tokens` (its name has "token" in it)
@@ -63,11 +73,11 @@ def fuzz_schema(model_dir, tmp_path_factory) -> Iterator[schemathesis.BaseSchema
             "output": {"sanitization": {"enabled": False}, "truncation": {"enabled": False}},
         })
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", config=config,
-                                               timeout=REQUEST_TIMEOUT_S)
+                                               timeout=timeout_s)
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         schema.hook(served_model_hook(vocab_size))
         started = time.monotonic()
-        yield schema
+        yield Fuzzed(schema, timeout_s)
         log.info("fuzzed for %.0f s; statuses per operation: %s", time.monotonic() - started,
                  {label: dict(sorted(counts.items())) for label, counts in sorted(STATUSES.items())})
 
@@ -174,13 +184,13 @@ OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/samplers
               "POST /v1/completions", "POST /v1/chat/completions"]
 
 
-def test_every_operation_is_fuzzed(fuzz_schema):
-    assert sorted(result.ok().label for result in fuzz_schema.get_all_operations()) == sorted(OPERATIONS)
+def test_every_operation_is_fuzzed(fuzzed):
+    assert sorted(result.ok().label for result in fuzzed.schema.get_all_operations()) == sorted(OPERATIONS)
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
-def test_fuzz(fuzz_schema, label):
-    operation = fuzz_schema.find_operation_by_label(label)
+def test_fuzz(fuzzed, label):
+    operation = fuzzed.schema.find_operation_by_label(label)
     strategy = operation.as_strategy(GenerationMode.POSITIVE)
     if operation.body:
         # Invalid bodies too: wrong types, missing fields, not JSON at all (bodiless GETs have none).
@@ -194,7 +204,7 @@ def test_fuzz(fuzz_schema, label):
     def fuzz(case):
         started = time.monotonic()
         # A hang fails too: `requests` raises on the timeout, and a stream cut short by it is refused.
-        response = case.call(timeout=REQUEST_TIMEOUT_S)
+        response = case.call(timeout=fuzzed.timeout_s)
         STATUSES[label][response.status_code] += 1
         try:
             case.validate_response(response, checks=CHECKS)
@@ -203,6 +213,6 @@ def test_fuzz(fuzz_schema, label):
             # as an ordinary ExceptionGroup the failing request is shrunk to a minimal reproduction.
             raise ExceptionGroup(str(failures), list(failures.exceptions)) from None
         assert not response.stream_cut_short, (
-            f"the stream did not end within {REQUEST_TIMEOUT_S} s ({time.monotonic() - started:.0f} s)")
+            f"the stream did not end within {fuzzed.timeout_s:.0f} s ({time.monotonic() - started:.0f} s)")
 
     fuzz()
