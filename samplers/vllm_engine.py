@@ -217,8 +217,12 @@ def _choice_delta(output: CompletionOutput, top_count: int | None) -> ChoiceDelt
 
 
 def _token_logprob(token_id: int, position: Mapping[int, Logprob], top_count: int) -> TokenLogprob:
-    """vLLM gives, per position, the sampled token plus the `top_count` most likely ones."""
-    ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+    """vLLM gives, per position, the sampled token plus the `top_count` most likely ones.
+
+    The alternatives are ordered by their log-probability, not by vLLM's `rank`: under PyTorch's AVX2
+    kernels the test suite once saw a sampled token ranked first above a likelier one.
+    """
+    ranked = sorted(position.items(), key=lambda item: -item[1].logprob)
     top = tuple(
         TokenLogprob(tid, lp.decoded_token or "", lp.logprob)
         for tid, lp in ranked[:top_count]
