@@ -17,7 +17,7 @@ import pytest
 from samplers import REGISTRY, DecodeParams
 from tests.conftest import API_KEY, MODEL, running_server
 from tests.test_errors import assert_error
-from tests.test_metrics_and_cancel import scrape, wait_until_idle
+from tests.test_metrics_and_cancel import assert_idle_soon, scrape, wait_until_idle
 
 COST_CAP = 20000
 MAX_REQUEST_TIMEOUT_S = 120
@@ -103,7 +103,7 @@ def test_overload_queues_then_refuses_while_direct_keeps_serving(guarded, holder
     assert direct.status_code == 200 and direct.json()["choices"][0]["text"]
     assert still_held == 2
     with guarded.http() as http:
-        wait_until_idle(http)
+        wait_until_idle(http, guarded.pace)
         assert queued(http) == 0
         counted = scrape(http)
     labels = {"model": MODEL, "sampler": "power_mcmc"}
@@ -144,13 +144,11 @@ def test_deadline_gives_504_and_stops_the_engine_work(guarded, holder):
     assert caught.value.status_code == 504 and caught.value.body["param"] == "request_timeout"
     assert time.monotonic() - start < 3
     with guarded.http() as http:
-        left = time.monotonic()
-        assert wait_until_idle(http) - left < 2
+        assert_idle_soon(http, guarded.pace, time.monotonic())
         events = []
         with http.stream("POST", "/v1/completions", json={**holder, "stream": True, "request_timeout": 1.5}) as response:
             events = [line for line in response.iter_lines() if line]
-        left = time.monotonic()
-        assert wait_until_idle(http) - left < 2
+        assert_idle_soon(http, guarded.pace, time.monotonic())
         assert events[-1] == "data: [DONE]"
         assert '"code": 504' in events[-2]
         assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
@@ -176,7 +174,7 @@ def test_a_queued_request_times_out_in_the_queue(guarded, holder):
     assert waited < 2.5
     assert held  # the slot was taken all along: the waiter timed out in the queue, not running
     with guarded.http() as http:
-        wait_until_idle(http)
+        wait_until_idle(http, guarded.pace)
 
 
 def holding_its_slot(server) -> bool:

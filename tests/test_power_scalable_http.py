@@ -87,6 +87,8 @@ def test_invalid_requests_are_400(http, fields, param):
 
 
 def test_disconnect_aborts_every_rollout(live_server, http):
+    # K = M = 4, not the defaults of 8: a decision's rollouts are prefilled in one engine step, which an
+    # abort does not cut short, and the 128 rollouts of the defaults at n = 2 make that step last seconds.
     long_run = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "n": 2, "ignore_eos": True,
-                "sampler": "power_scalable", "rollout_horizon": 64}
+                "sampler": "power_scalable", "candidates": 4, "rollouts": 4, "rollout_horizon": 64}
     leave_mid_request(live_server, http, long_run, after_s=3)
