@@ -69,14 +69,16 @@ def test_compare_gives_ratios_per_sampler_and_point(load_result):
 
 def test_load_generator_survives_keep_alives(live_server, tmp_path):
     # power_mcmc streams nothing until its chains finish, so a run longer than the server's
-    # heartbeat interval (5 s) sends keep-alives; vLLM's streaming client must still read it.
+    # heartbeat interval (5 s) sends keep-alives; vLLM's streaming client must still read it. Without
+    # steps the chain is its first pass alone: as many tokens as this machine decodes in 10 s.
     output = tmp_path / "mcmc.json"
+    sampler = 'power_mcmc:{"mcmc_steps": 0}'
     done = tool("load", "run", "--base-url", live_server.url, "--model", MODEL, "--api-key", API_KEY,
-                "--tokenizer", str(live_server.model_dir), "--sampler", 'power_mcmc:{"mcmc_steps": 8}',
-                "--concurrency", "1", "--num-prompts", "1", "--input-len", "8", "--output-len", "64",
-                "--output", str(output))
+                "--tokenizer", str(live_server.model_dir), "--sampler", sampler,
+                "--concurrency", "1", "--num-prompts", "1", "--input-len", "8",
+                "--output-len", str(live_server.pace.tokens_for(10)), "--output", str(output))
     assert done.returncode == 0, done.stderr[-3000:]
-    (point,) = json.loads(output.read_text())["samplers"]['power_mcmc:{"mcmc_steps": 8}']["points"]
+    (point,) = json.loads(output.read_text())["samplers"][sampler]["points"]
     assert point["completed"] == 1, point["errors"]
     assert point["median_e2el_ms"] > 5000  # long enough to have carried a keep-alive
 
