@@ -61,6 +61,7 @@ bench: install
 	$(PY) -m benchmarks.quality --dataset arithmetic --prompts 32 --max-tokens 16 --sampler direct \
 		--sampler 'direct:{"temperature": 0.25}' --sampler 'power_scalable:{"block_size": 4}'
 	$(PY) -m benchmarks.vs_vllm
+	$(PY) -m benchmarks.cpu_dtype
 	$(PY) -m benchmarks.power_sampling fidelity
 	$(PY) -m benchmarks.power_sampling latency
 	$(PY) -m benchmarks.power_sampling selfreward

@@ -62,6 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, value in vars(train.TrainSettings()).items():
         group.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                            choices=choices.get(name), help="(default: %(default)s)")
+    group.add_argument("--teacher-enforce-eager", action="store_true",
+                       help="start opd's teacher engine without torch compilation: ready in seconds instead of "
+                       "minutes, for short runs")
     group = parser.add_argument_group("report")
     group.add_argument("--eval-prompts", type=positive, default=64,
                        help="the first N GSM8K test questions (default: %(default)s)")
@@ -103,7 +106,7 @@ def run_train(args: argparse.Namespace, base_model: Path, settings: train.TrainS
         texts = teacher.load_prompts(args.prompts, args.prompt_field, args.limit)
         prompts |= {"texts": texts, "prompts": str(args.prompts.resolve()), "prompt_field": args.prompt_field,
                     "count": len(texts)}
-    train.train(args.workdir, args.run or settings.method, base_model, settings, prompts)
+    train.train(args.workdir, args.run or settings.method, base_model, settings, prompts, args.teacher_enforce_eager)
 
 
 def run_report(args: argparse.Namespace, base_model: Path) -> None:

@@ -122,9 +122,10 @@ def parse_teacher(spec: str) -> tuple[str, dict]:
     return "model", {"path": str(Path(spec).resolve())}
 
 
-def open_teacher(spec: str, base_model: Path, power_alpha: float):
+def open_teacher(spec: str, base_model: Path, power_alpha: float, enforce_eager: bool = False):
     """The engine and the teacher of `spec` (see parse_teacher); power_scalable's alpha defaults to
-    `power_alpha`. The engine must be closed by the caller."""
+    `power_alpha`; `enforce_eager` starts the engine without torch compilation. The engine must be
+    closed by the caller."""
     from samplers.power_scalable import PowerScalableParams
     from samplers.vllm_engine import BlockingModel
     from server.__main__ import parse_args
@@ -137,7 +138,8 @@ def open_teacher(spec: str, base_model: Path, power_alpha: float):
                 base_model).get_vocab():
             raise UsageError(f"--opd-teacher {spec}: its tokenizer is not the base model's, so it cannot "
                              "score the student's tokens")
-    engine = BlockingModel(parse_args(["--model", str(base_model if kind == POWER_TEACHER else details["path"])]))
+    model = str(base_model if kind == POWER_TEACHER else details["path"])
+    engine = BlockingModel(parse_args(["--model", model, *(["--enforce-eager"] if enforce_eager else [])]))
     if kind == POWER_TEACHER:
         return engine, PowerTeacher(engine, PowerScalableParams(**{"power_alpha": power_alpha, **details}))
     return engine, ModelTeacher(engine)

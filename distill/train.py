@@ -86,7 +86,8 @@ class TrainSettings:
         return shared | {k: getattr(self, k) for k in METHOD_FIELDS[self.method]}
 
 
-def train(workdir: Path, run: str, base_model: Path, settings: TrainSettings, prompts: dict) -> dict:
+def train(workdir: Path, run: str, base_model: Path, settings: TrainSettings, prompts: dict,
+          teacher_enforce_eager: bool = False) -> dict:
     """Train WORKDIR/RUN's adapter unless it exists; the training summary either way. `prompts`:
     what the on-policy methods train on (their `texts`, where they came from, and `max_tokens`)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -122,7 +123,7 @@ def train(workdir: Path, run: str, base_model: Path, settings: TrainSettings, pr
     if settings.method == "sft":
         trainer, closing = sft_trainer(samples, checkpoints, base_model, settings), None
     else:
-        trainer, closing = onpolicy_trainer(prompts, checkpoints, base_model, settings)
+        trainer, closing = onpolicy_trainer(prompts, checkpoints, base_model, settings, teacher_enforce_eager)
     if last:
         logger.info("Resuming training from %s", last)
     try:
@@ -190,7 +191,8 @@ def kl_weight(settings: TrainSettings) -> float:
     return (settings.generations - 1) / settings.generations / (settings.power_alpha - 1)
 
 
-def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, settings: TrainSettings):
+def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, settings: TrainSettings,
+                     teacher_enforce_eager: bool):
     """The GRPO trainer of an on-policy method, and what closes its teacher's engine (or None)."""
     from datasets import Dataset
     from trl import GRPOConfig
@@ -211,8 +213,8 @@ def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, setting
         # losses summed over tokens and divided by a constant, so that long completions weigh as
         # their log-likelihood does (GRPO's per-sequence mean would not).
         scale_rewards="none", loss_type="dr_grpo", log_completions=False)
-    engine, opd_teacher = (None, None) if self_reward else onpolicy.open_teacher(settings.opd_teacher, base_model,
-                                                                                   settings.power_alpha)
+    engine, opd_teacher = (None, None) if self_reward else onpolicy.open_teacher(
+        settings.opd_teacher, base_model, settings.power_alpha, teacher_enforce_eager)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in prompts["texts"]])
     try:
         trainer = onpolicy.trainer_class()(

@@ -33,6 +33,8 @@ def distill(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 ON_POLICY = ("--limit", "2", "--max-tokens", "8", "--batch-size", "4", "--generations", "2", "--epochs", "2",
              "--save-steps", "1", "--learning-rate", "0.001")
 OPD_TEACHER = 'power_scalable:{"candidates": 3, "rollouts": 2, "rollout_horizon": 4}'
+# The teacher's engine compiled would take minutes to start here, longer than the miniature's training.
+OPD = ("--method", "opd", "--opd-teacher", OPD_TEACHER, "--teacher-enforce-eager")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def miniature(model_dir, tmp_path_factory) -> Path:
     on 4 prompts, 8 tokens each: three steps of training on one batch of all four; and the report
     of all three. A learning rate of 1e-3 is high enough that each adapter visibly moves the model."""
     workdir = tmp_path_factory.mktemp("distill")
-    for method in (("--method", "self-reward"), ("--method", "opd", "--opd-teacher", OPD_TEACHER)):
+    for method in (("--method", "self-reward"), OPD):
         result = distill("train", "--workdir", str(workdir), "--base-model", str(model_dir), *method, *ON_POLICY)
         assert result.returncode == 0, result.stderr[-3000:]
     result = distill("all", "--workdir", str(workdir), "--base-model", str(model_dir), "--limit", "4",
@@ -185,7 +187,7 @@ def test_terminated_on_policy_run_leaves_no_engine_behind(model_dir, tmp_path):
     with open(log, "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "distill", "train", "--workdir", str(tmp_path), "--base-model", str(model_dir),
-             "--method", "opd", "--opd-teacher", OPD_TEACHER, *ON_POLICY], stdout=subprocess.DEVNULL, stderr=stderr)
+             *OPD, *ON_POLICY], stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and "0/2 [" not in log.read_text():  # training has begun
         time.sleep(0.2)
