@@ -34,8 +34,9 @@ def cpu_dtype() -> tuple[str, str]:
     """The engine dtype on this CPU when `--dtype` is left at `auto`, and the reason.
 
     bf16 pays only where the CPU has bf16 instructions (AVX-512 BF16, or AMX) and PyTorch runs its
-    AVX-512 kernels. Elsewhere bf16 is emulated through float32, and the embedded model then decodes
-    8 requests at once about 2.2x slower in bf16 than in float32 (README, "Engine dtype on CPU").
+    AVX-512 kernels. Elsewhere bf16 is emulated through float32: the embedded model then decodes 8
+    requests at once 1.8x slower and prefills 4.6x slower in bf16 than in float32 (README, "Engine
+    dtype on CPU").
     """
     kernels = torch.backends.cpu.get_cpu_capability()
     if torch.cpu._is_avx512_bf16_supported() and kernels.startswith("AVX512"):
