@@ -17,7 +17,7 @@ import pytest
 from samplers import REGISTRY, DecodeParams
 from tests.conftest import API_KEY, MODEL, running_server
 from tests.test_errors import assert_error
-from tests.test_metrics_and_cancel import assert_idle_soon, scrape, wait_until_idle
+from tests.test_metrics_and_cancel import assert_idle_soon, running, scrape, wait_until_idle
 
 COST_CAP = 20000
 MAX_REQUEST_TIMEOUT_S = 120
@@ -180,4 +180,4 @@ def test_a_queued_request_times_out_in_the_queue(guarded, holder):
 def holding_its_slot(server) -> bool:
     """Whether the holder has its slot: its engine requests run."""
     with server.http() as http:
-        return any(name == "vllm:num_requests_running" and v > 0 for (name, _), v in scrape(http).items())
+        return running(http) > 0
