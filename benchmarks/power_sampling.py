@@ -10,6 +10,11 @@ fidelity: on the tiny enumerable Llama of the tests, total variation between ind
 latency: on the embedded SmolLM2 through our server, wall-clock of each power configuration
   against direct at the same max_tokens, 1 and 8 concurrent requests, beside the engine-token
   multiplier. Writes power_sampling_latency.json.
+proposal: power_mcmc's proposal paths on the embedded SmolLM2 at T = 128, 16 blocks, 10 steps:
+  one pass (raw_logprobs engine) and scoring (processed_logprobs engine), and KV blocks of 128
+  tokens (vLLM's CPU default) against 32, each on a server of its own beside direct on it, one
+  request alone and 8 at once: wall-clock and engine tokens (prefills included) per output token.
+  Writes power_sampling_proposal.json.
 selfreward: the quality harness (benchmarks/quality.py) on GSM8K test prompts with the embedded
   SmolLM2: mean base-model log p per token and per completion, answer accuracy and latency of
   direct sampling, temperature 1/alpha, power_mcmc and power_scalable configurations, one sampler
@@ -138,6 +143,34 @@ def _plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def timed_batch(client, prompt: str, max_tokens: int, extra: dict, concurrency: int) -> dict:
+    """`concurrency` requests at once, each with a seed of its own (so that they do not share their
+    draws): the wall-clock and the medians of their time and engine-token multipliers."""
+
+    def one(seed: int) -> tuple[float, dict]:
+        start = time.perf_counter()
+        r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, seed=seed,
+                                      extra_body={"ignore_eos": True, **extra})
+        spend, output = r.sampler_usage, r.usage.completion_tokens
+        return time.perf_counter() - start, {
+            "multiplier": (spend["engine_tokens_generated"] + spend["engine_tokens_scored"]) / output,
+            "generated_multiplier": spend["engine_tokens_generated"] / output,
+            "with_prefills_multiplier": (spend["engine_tokens_generated"] + spend["engine_tokens_prefilled"]
+                                         + spend["engine_tokens_scored"]) / output, **spend}
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(concurrency)))
+    return {"wall_s": time.perf_counter() - start,
+            "median_request_s": statistics.median(r[0] for r in results),
+            "token_multiplier": statistics.median(r[1]["multiplier"] for r in results),
+            "generated_token_multiplier": statistics.median(r[1]["generated_multiplier"] for r in results),
+            "engine_token_multiplier_with_prefills": statistics.median(
+                r[1]["with_prefills_multiplier"] for r in results),
+            "events": results[0][1]["events"], "details": results[0][1]["details"],
+            "proposal": results[0][1].get("proposal")}
+
+
 def latency(args: argparse.Namespace) -> dict:
     from openai import OpenAI
 
@@ -145,39 +178,49 @@ def latency(args: argparse.Namespace) -> dict:
                **SCALABLE}
     with embedded_server("smollm2", 8103) as base_url:
         client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=3600)
-
-        def one(extra: dict, seed: int = 0) -> tuple[float, dict]:
-            start = time.perf_counter()
-            r = client.completions.create(model="smollm2", prompt=args.prompt, max_tokens=args.max_tokens,
-                                          seed=seed, extra_body={"ignore_eos": True, **extra})
-            spend, output = r.sampler_usage, r.usage.completion_tokens
-            generated = spend["engine_tokens_generated"] / output
-            return time.perf_counter() - start, {
-                "multiplier": generated + spend["engine_tokens_scored"] / output,
-                "generated_multiplier": generated, **spend}
-
-        def batch(extra: dict, concurrency: int) -> dict:
-            start = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                # A seed per request, so that concurrent requests do not share their draws.
-                results = list(pool.map(one, [extra] * concurrency, range(concurrency)))
-            return {"wall_s": time.perf_counter() - start,
-                    "median_request_s": statistics.median(r[0] for r in results),
-                    "token_multiplier": statistics.median(r[1]["multiplier"] for r in results),
-                    "generated_token_multiplier": statistics.median(r[1]["generated_multiplier"] for r in results),
-                    "events": results[0][1]["events"], "details": results[0][1]["details"]}
-
-        one({})  # warm-up
+        timed_batch(client, args.prompt, args.max_tokens, {}, 1)  # warm-up
         rows = {}
         for concurrency in (1, 8):
-            direct = rows[f"direct x{concurrency}"] = batch({}, concurrency)
+            direct = rows[f"direct x{concurrency}"] = timed_batch(client, args.prompt, args.max_tokens, {}, concurrency)
             for label, extra in configs.items():
-                row = rows[f"{label} x{concurrency}"] = batch(extra, concurrency)
+                row = rows[f"{label} x{concurrency}"] = timed_batch(client, args.prompt, args.max_tokens, extra,
+                                                                    concurrency)
                 row["wall_clock_ratio_to_direct"] = row["wall_s"] / direct["wall_s"]
                 logger.info("x%d %s: %.1f s against direct's %.1f s (ratio %.1f, token multiplier %.1f)",
                             concurrency, label, row["wall_s"], direct["wall_s"], row["wall_clock_ratio_to_direct"],
                             row["token_multiplier"])
     return {"max_tokens": args.max_tokens, "prompt": args.prompt, "configs": configs, "rows": rows}
+
+
+def proposal(args: argparse.Namespace) -> dict:
+    """power_mcmc's proposal paths, each on a server of its own, beside direct on the same server."""
+    from openai import OpenAI
+
+    from benchmarks.vs_vllm import UNGATED, free_port
+
+    mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16)}
+    servers = {f"{mode}, KV blocks of {size}": (mode, size) for mode, size in args.servers}
+    rows = {}
+    for name, (mode, size) in servers.items():
+        flags = (*UNGATED, "--enforce-eager", "--logprobs-mode", mode, "--block-size", str(size))
+        with embedded_server("smollm2", free_port(), flags, log=RESULTS / "proposal-server.log") as base_url:
+            client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
+            timed_batch(client, args.prompt, args.max_tokens, {}, 1)  # warm-up
+            for concurrency in args.concurrency:
+                direct = rows[f"direct ({name}) x{concurrency}"] = timed_batch(
+                    client, args.prompt, args.max_tokens, {}, concurrency)
+                row = rows[f"power_mcmc ({name}) x{concurrency}"] = timed_batch(
+                    client, args.prompt, args.max_tokens, mcmc, concurrency)
+                row["wall_clock_ratio_to_direct"] = row["wall_s"] / direct["wall_s"]
+                row["engine_token_ratio_to_direct"] = (row["engine_token_multiplier_with_prefills"]
+                                                       / direct["engine_token_multiplier_with_prefills"])
+                logger.info("%s x%d: power_mcmc (%s) %.1f s against direct's %.1f s (%.1fx); engine tokens "
+                            "per output token %.1f against %.2f", name, concurrency, row["proposal"], row["wall_s"],
+                            direct["wall_s"], row["wall_clock_ratio_to_direct"],
+                            row["engine_token_multiplier_with_prefills"],
+                            direct["engine_token_multiplier_with_prefills"])
+    return {"max_tokens": args.max_tokens, "prompt": args.prompt, "power_mcmc": mcmc, "servers": servers,
+            "rows": rows}
 
 
 def selfreward(args: argparse.Namespace) -> dict:
@@ -207,13 +250,20 @@ def main() -> None:
     lat = commands.add_parser("latency")
     lat.add_argument("--max-tokens", type=int, default=64)
     lat.add_argument("--prompt", default="Question: what is 12 times 7? Answer step by step.")
+    prop = commands.add_parser("proposal")
+    prop.add_argument("--max-tokens", type=int, default=128)
+    prop.add_argument("--prompt", default="Question: what is 12 times 7? Answer step by step.")
+    prop.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    prop.add_argument("--servers", type=lambda spec: (spec.split(":")[0], int(spec.split(":")[1])), nargs="+",
+                      default=[("raw_logprobs", 128), ("raw_logprobs", 32), ("processed_logprobs", 128)],
+                      metavar="MODE:BLOCK_SIZE", help="logprobs mode and KV block size of each server")
     reward = commands.add_parser("selfreward")
     reward.add_argument("--prompts", type=int, default=8, help="the first N GSM8K test questions")
     reward.add_argument("--max-tokens", type=int, default=128)
     reward.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    run = {"fidelity": fidelity, "latency": latency, "selfreward": selfreward}[args.command]
+    run = {"fidelity": fidelity, "latency": latency, "proposal": proposal, "selfreward": selfreward}[args.command]
     report = {**header("benchmarks.power_sampling", sys.argv[1:]), **run(args)}
     path = RESULTS / f"power_sampling_{args.command}.json"
     path.write_text(json.dumps(report, indent=2))

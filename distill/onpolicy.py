@@ -34,6 +34,7 @@ from pathlib import Path
 
 from benchmarks.load import UsageError
 from distill.rewards import token_rewards
+from samplers.base import Spend
 
 
 class SelfReward:
@@ -67,8 +68,9 @@ class ModelTeacher:
         model = self.engine.model
 
         async def score_all():
-            return await asyncio.gather(*(model.score(p + c, len(p), uuid.uuid4().hex)
-                                          for p, c in zip(prompts, completions)))
+            scored = await asyncio.gather(*(model.score(p + c, len(p), uuid.uuid4().hex, Spend())
+                                            for p, c in zip(prompts, completions)))
+            return [[t.logprob for t in tokens] for tokens in scored]
 
         return self.engine.run(score_all())
 

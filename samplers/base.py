@@ -68,18 +68,23 @@ class DecodeParams:
 
 @dataclass
 class Spend:
-    """What a sampler cost the engine beyond the prompt, updated while it runs.
+    """What a sampler cost the engine, counted by the engine adapter as requests run.
 
-    `generated`: tokens the engine decoded; `scored`: tokens it ran through the model only to
-    read their log-probabilities. Plain decoding spends exactly its output tokens. `events`
-    counts sampler-specific happenings (proposals, acceptances, ...; exported to Prometheus);
-    `details` holds derived figures for the response (an acceptance rate, ...).
+    `generated`: tokens the engine decoded; `prefilled`: prompt tokens of decoding requests that
+    missed the prefix cache (computed, not read from cached KV); `scored`: tokens run through the
+    model only to read their log-probabilities (a full prefill each time: scoring skips the prefix
+    cache). Plain decoding spends its output tokens plus one prefill of its prompt per choice not
+    found in the cache. `events` counts sampler-specific happenings (proposals, acceptances, ...;
+    exported to Prometheus); `details` holds derived figures for the response (an acceptance
+    rate, ...); `proposal` says how a power sampler obtained its proposal densities.
     """
 
     generated: int = 0
+    prefilled: int = 0
     scored: int = 0
     events: dict[str, int] = field(default_factory=dict)
     details: dict[str, float] = field(default_factory=dict)
+    proposal: str | None = None
 
     def count(self, event: str, times: int = 1) -> None:
         self.events[event] = self.events.get(event, 0) + times
@@ -90,24 +95,29 @@ class LanguageModel(Protocol):
 
     `processed_logprobs`: whether the log-probabilities that `decode` reports are those of the
     distribution each token was drawn from (after temperature, top-k and top-p), rather than the
-    model's own. `score` always gives the model's own log p, where `can_score` says it works.
+    model's own log p before them (vLLM's `raw_logprobs`, the default). `score` always gives the
+    model's own log p, where `can_score` says it works. `max_logprobs` is the most alternatives a
+    position may report. Every call records what it made the engine compute in `spend`.
     """
 
     processed_logprobs: bool
     can_score: bool
     vocab_size: int
+    max_logprobs: int
     eos_token_ids: frozenset[int]  # the tokens that end a completion unless `ignore_eos`
 
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of the tokens, special tokens left out."""
         ...
 
-    async def score(self, token_ids: list[int], start: int, request_id: str) -> list[float]:
-        """log p(token_ids[i] | token_ids[:i]) under the model at temperature 1, for i >= start."""
+    async def score(self, token_ids: list[int], start: int, request_id: str, spend: Spend,
+                    alternatives: int = 0) -> list[TokenLogprob]:
+        """log p(token_ids[i] | token_ids[:i]) under the model at temperature 1, for i >= start,
+        each with the `alternatives` most likely tokens at its position."""
         ...
 
     def decode(
-        self, prompt_token_ids: list[int], params: DecodeParams, request_id: str
+        self, prompt_token_ids: list[int], params: DecodeParams, request_id: str, spend: Spend
     ) -> AsyncIterator[list[ChoiceDelta]]:
         """Stream `params.n` completions of the prompt, a batch of per-choice deltas at a time.
 
@@ -124,11 +134,16 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
-def check_power_request(sampler: str, decode: DecodeParams) -> None:
-    """Refuse the decoding options that would change a power sampler's target p^alpha."""
+def check_power_request(sampler: str, decode: DecodeParams, truncation: str = "") -> None:
+    """Refuse the decoding options that would change a power sampler's target p^alpha;
+    `truncation` tells what the sampler offers instead of top_k and top_p."""
     if decode.temperature != 1.0:
         raise InvalidRequest(f"{sampler} targets p^power_alpha, where temperature has no role: "
                              "sharpen with power_alpha.", param="temperature")
+    for option, untruncated in (("top_k", 0), ("top_p", 1.0)):
+        if getattr(decode, option) != untruncated:
+            raise InvalidRequest(f"{sampler} targets p^power_alpha, which {option} would truncate. "
+                                 f"{truncation}".strip(), param=option)
     if decode.stop:
         raise InvalidRequest(f"{sampler} cannot cut at stop strings, which would change its target; "
                              "use stop_token_ids.", param="stop")
@@ -166,7 +181,9 @@ class Sampler(ABC):
 
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: BaseModel) -> int:
         """The most engine tokens (`Spend.generated` + `Spend.scored`) one prompt can cost; the
-        server refuses requests above its cap (--max-request-cost). Plain decoding: its output."""
+        server refuses requests above its cap (--max-request-cost). Plain decoding: its output.
+        Prefills of decoding requests are left out: how many hit the prefix cache is not known
+        beforehand."""
         return decode.n * decode.max_tokens
 
     @abstractmethod
@@ -184,10 +201,12 @@ class Sampler(ABC):
 
 @dataclass
 class Completion:
-    """One finished choice of a `decode` call: its tokens and each token's reported log-probability."""
+    """One finished choice of a `decode` call: its tokens, each token's reported log-probability
+    and, when alternatives were asked for, theirs (most likely first)."""
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    alternatives: list[list[float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -198,15 +217,16 @@ class Completion:
 
 
 async def complete(model: LanguageModel, prompt_token_ids: list[int], params: DecodeParams,
-                   request_id: str) -> list[Completion]:
+                   request_id: str, spend: Spend) -> list[Completion]:
     """Run `decode` to the end and return its `params.n` completions, with logprobs if asked for."""
     completions = [Completion() for _ in range(params.n)]
-    async with aclosing(model.decode(prompt_token_ids, params, request_id)) as batches:
+    async with aclosing(model.decode(prompt_token_ids, params, request_id, spend)) as batches:
         async for batch in batches:
             for delta in batch:
                 done = completions[delta.index]
                 done.token_ids += delta.token_ids
                 done.logprobs += [t.logprob for t in delta.logprobs or ()]
+                done.alternatives += [[a.logprob for a in t.top] for t in delta.logprobs or ()]
                 if delta.finish_reason is not None:
                     done.finish_reason, done.stop_reason = delta.finish_reason, delta.stop_reason
     return completions

@@ -20,8 +20,7 @@ class DirectSampler(Sampler):
         request_id: str,
         spend: Spend,
     ) -> AsyncIterator[ChoiceDelta]:
-        async with aclosing(model.decode(prompt_token_ids, decode, request_id)) as batches:
+        async with aclosing(model.decode(prompt_token_ids, decode, request_id, spend)) as batches:
             async for batch in batches:
                 for delta in batch:
-                    spend.generated += len(delta.token_ids)
                     yield delta

@@ -5,10 +5,18 @@ Karan & Du (arXiv 2510.14901). The chain's state is a whole completion with its 
 suffix from a uniformly chosen index and accepts it with the Metropolis-Hastings ratio, including
 the index-choice term log(L / L') that makes the chain exact when an EOS changes the length.
 
-Differences from the published code: the log q values are exact (the engine reports the
-log-probabilities of the distribution it sampled from), the current state's values are stored and
-never recomputed, the length term is kept, and the `n` chains of a request advance in lockstep so
-that their proposals reach the engine together.
+Differences from the published code: the log q values are exact, the current state's values are
+stored and never recomputed, the length term is kept, and the `n` chains of a request advance in
+lockstep so that their proposals reach the engine together.
+
+The proposal draws each token at `proposal_temperature` among the `proposal_top_k` most likely
+tokens. Its log p and log q come from one of three paths (`Spend.proposal`):
+- "base": q = p (temperature 1, untruncated); the engine's logprobs are both.
+- "one_pass" (the engine in raw_logprobs mode, vLLM's default): the engine reports the drawn
+  token's log p and the log p of the most likely tokens at each position, from which log q follows
+  exactly (`truncated_log_q`). Nothing is scored.
+- "scored" (processed_logprobs mode): the engine reports log q, and log p is read by scoring the
+  proposal, a full prefill of prompt and completion.
 """
 
 import asyncio
@@ -42,6 +50,12 @@ class PowerMCMCParams(BaseModel):
     )
     proposal_temperature: float | None = Field(
         None, gt=0.0, le=2.0, description="Temperature of the proposal; default 1 / power_alpha."
+    )
+    proposal_top_k: int = Field(
+        16, ge=0,
+        description="K: the proposal draws among the K most likely tokens at each position, and the "
+                    "target becomes p^alpha over completions made of such tokens; 0 (or at least the "
+                    "vocabulary size): untruncated.",
     )
 
 
@@ -79,6 +93,25 @@ def log_acceptance(alpha: float, current: Segment, proposal: Segment, m: int) ->
     )
 
 
+def truncated_log_q(logp: float, alternatives: list[float], k: int, exponent: float,
+                    vocab_size: int) -> float | None:
+    """log q of a token drawn with probability proportional to p^exponent among the k most likely
+    tokens at its position (README, power_mcmc, "the one-pass proposal"), from its own log p and
+    the log p of the most likely tokens there (`alternatives`, highest first, at least k of them).
+
+    exponent * log p(y) - logsumexp over the kept tokens v of exponent * log p(v). vLLM keeps every
+    token whose logit reaches the k-th largest, so a tie at the k-th value keeps more than k; the
+    kept set is known once an alternative falls below that value (or all the vocabulary is there).
+    None when it is not: every alternative reported ties with the k-th.
+    """
+    kth = alternatives[k - 1]
+    if len(alternatives) < vocab_size and alternatives[-1] >= kth:
+        return None
+    kept = [exponent * value for value in alternatives if value >= kth]
+    top = max(kept)
+    return exponent * logp - top - math.log(sum(math.exp(value - top) for value in kept))
+
+
 class PowerMCMCSampler(Sampler):
     name = "power_mcmc"
     Params = PowerMCMCParams
@@ -86,30 +119,34 @@ class PowerMCMCSampler(Sampler):
 
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: PowerMCMCParams) -> int:
         # Each stage extends a chain to its length limit, then each step redraws at most that limit
-        # (algorithms.md section 1); unless q = p every proposal is also scored, prefix included.
+        # (algorithms.md section 1). Unless q = p a proposal may be scored, prefix included: every
+        # one on the "scored" path, those with an unresolved tie on the "one_pass" path.
         limits = _stage_limits(decode.max_tokens, params)
         generated = decode.max_tokens + params.mcmc_steps * sum(limits)
         scored = 0
-        if not _proposal_is_base(decode, params):
+        if not _proposal_is_base(params, vocab_size=None):
             scored = (1 + params.mcmc_steps) * (len(limits) * prompt_length + sum(limits))
         return decode.n * (generated + scored)
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerMCMCParams) -> None:
-        check_power_request(self.name, decode)
-        if _proposal_is_base(decode, params):
-            return
-        if not model.processed_logprobs:
+        check_power_request(self.name, decode, "power_mcmc truncates its proposal with proposal_top_k.")
+        path = proposal_path(model, params)
+        kept = _kept(params, model.vocab_size)
+        # The pass must report more than K alternatives, or the whole vocabulary.
+        if path == "one_pass" and kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
             raise InvalidRequest(
-                "This server's engine reports raw logprobs, so only the untruncated temperature-1 "
-                "proposal has an exact density; restart it without --logprobs-mode raw_logprobs.",
-                param="proposal_temperature")
-        if not model.can_score:
+                f"The one-pass proposal reads more than its K = {kept} most likely tokens at each "
+                f"position (all of them when untruncated), beyond this server's --max-logprobs "
+                f"({model.max_logprobs}). Set proposal_top_k below {model.max_logprobs}, or "
+                "proposal_temperature to 1 with proposal_top_k 0 (q = p), or serve with "
+                "--logprobs-mode processed_logprobs (which scores every proposal).", param="proposal_top_k")
+        if path == "scored" and not model.can_score:
             raise InvalidRequest(
-                "A proposal other than the untruncated temperature-1 base model needs the model's "
-                "log p of each proposal, which this engine cannot compute while it serves distilled "
-                "models (vLLM's LoRA support fails on prompt log-probabilities on CPU). Set "
-                "proposal_temperature to 1 without top_k/top_p, or use a server without --distilled.",
-                param="proposal_temperature")
+                "This engine reports processed logprobs, so a proposal other than the untruncated "
+                "temperature-1 base model needs the model's log p of each proposal, which it cannot "
+                "compute while it serves distilled models (vLLM's LoRA support fails on prompt "
+                "log-probabilities on CPU). Serve without --logprobs-mode processed_logprobs, or set "
+                "proposal_temperature to 1 and proposal_top_k to 0.", param="proposal_temperature")
 
     async def sample(
         self,
@@ -135,6 +172,13 @@ class PowerMCMCSampler(Sampler):
             )
 
 
+def proposal_path(model: LanguageModel, params: PowerMCMCParams) -> str:
+    """How the proposal's log p and log q are obtained on this engine (module docstring)."""
+    if _proposal_is_base(params, model.vocab_size):
+        return "base"
+    return "scored" if model.processed_logprobs else "one_pass"
+
+
 def _stage_limits(max_tokens: int, params: PowerMCMCParams) -> list[int]:
     """The completion's length limit at each stage: one more block each, the last cut at max_tokens."""
     block = params.block_size or math.ceil(max_tokens / 16)
@@ -145,9 +189,21 @@ def _proposal_temperature(params: PowerMCMCParams) -> float:
     return params.proposal_temperature or 1.0 / params.power_alpha
 
 
-def _proposal_is_base(decode: DecodeParams, params: PowerMCMCParams) -> bool:
-    """Whether q = p: temperature 1 and no truncation, so log q needs no separate scoring."""
-    return _proposal_temperature(params) == 1.0 and decode.top_k <= 0 and decode.top_p >= 1.0
+def _kept(params: PowerMCMCParams, vocab_size: int) -> int:
+    """The proposal's K, the whole vocabulary when untruncated."""
+    return vocab_size if params.proposal_top_k == 0 else min(params.proposal_top_k, vocab_size)
+
+
+def _proposal_is_base(params: PowerMCMCParams, vocab_size: int | None) -> bool:
+    """Whether q = p: temperature 1 and no truncation (with the vocabulary unknown, only K = 0)."""
+    untruncated = params.proposal_top_k == 0 or (vocab_size is not None and params.proposal_top_k >= vocab_size)
+    return _proposal_temperature(params) == 1.0 and untruncated
+
+
+def _alternatives(model: LanguageModel, params: PowerMCMCParams) -> int:
+    """Alternatives read per position on the one-pass path: twice K as the engine allows, so that
+    a tie at the K-th value is almost always seen to its end (`truncated_log_q`)."""
+    return min(2 * _kept(params, model.vocab_size), model.vocab_size, model.max_logprobs)
 
 
 class _ChainRun:
@@ -161,7 +217,8 @@ class _ChainRun:
         self.request_id = request_id
         self.spend = spend
         self.rng = random.Random(decode.seed)
-        self.q_is_p = _proposal_is_base(decode, params)
+        self.path = spend.proposal = proposal_path(model, params)
+        self.kept = _kept(params, model.vocab_size)
         self.proposals = 0
 
     async def run(self) -> list[Segment]:
@@ -194,27 +251,55 @@ class _ChainRun:
         return updated
 
     async def _propose(self, chain: Segment, m: int, limit: int) -> Segment:
-        """Draw a suffix after chain[:m] from the proposal, up to `limit` tokens in all, with its log p."""
+        """Draw a suffix after chain[:m] from the proposal, up to `limit` tokens in all, with its
+        log p and log q."""
         prefix = self.prompt + chain.tokens[:m]
         self.proposals += 1
         request_id = f"{self.request_id}-p{self.proposals}"
+        alternatives = _alternatives(self.model, self.params) if self.path == "one_pass" else 0
         params = DecodeParams(
             max_tokens=limit - m,
             temperature=_proposal_temperature(self.params),
-            top_p=self.decode.top_p,
-            top_k=self.decode.top_k,
+            top_k=self.kept if self.kept < self.model.vocab_size else 0,
             seed=None if self.decode.seed is None else self.rng.randrange(2**31),
             stop_token_ids=self.decode.stop_token_ids,
             ignore_eos=self.decode.ignore_eos,
-            logprobs=0,
+            logprobs=alternatives,
         )
-        [draw] = await complete(self.model, prefix, params, request_id)
-        tokens, logq = draw.token_ids, draw.logprobs
-        self.spend.generated += len(tokens)
-        if self.q_is_p:
-            logp = logq
+        [draw] = await complete(self.model, prefix, params, request_id, self.spend)
+        tokens = draw.token_ids
+        if self.path == "base":
+            logp = logq = draw.logprobs
+        elif self.path == "scored":
+            logq = draw.logprobs
+            logp = [t.logprob for t in await self.model.score(prefix + tokens, len(prefix),
+                                                              f"{request_id}-score", self.spend)]
         else:
-            logp = await self.model.score(prefix + tokens, len(prefix), f"{request_id}-score")
-            self.spend.scored += len(prefix) + len(tokens)
+            logp = draw.logprobs
+            logq = self._log_q(logp, draw.alternatives)
+            if None in logq:
+                logq = await self._log_q_rescored(prefix, tokens, request_id)
         return Segment(tokens, logp, logq, ended=draw.ended, stop_reason=draw.stop_reason)
 
+    def _log_q(self, logp: list[float], alternatives: list[list[float]]) -> list[float | None]:
+        exponent = 1.0 / _proposal_temperature(self.params)
+        return [truncated_log_q(lp, alts, self.kept, exponent, self.model.vocab_size)
+                for lp, alts in zip(logp, alternatives)]
+
+    async def _log_q_rescored(self, prefix: list[int], tokens: list[int], request_id: str) -> list[float]:
+        """log q of a one-pass proposal where a tie ran past the alternatives the pass reported:
+        score it with as many alternatives as the engine allows."""
+        self.spend.count("ties_rescored")
+        if not self.model.can_score:
+            raise InvalidRequest(
+                f"A tie among more than {_alternatives(self.model, self.params)} tokens at a proposal's "
+                "top-k cut needs scoring, which this engine cannot do while it serves distilled models; "
+                "choose another proposal_top_k.", param="proposal_top_k")
+        count = min(self.model.max_logprobs, self.model.vocab_size)
+        scored = await self.model.score(prefix + tokens, len(prefix), f"{request_id}-ties", self.spend, count)
+        logq = self._log_q([t.logprob for t in scored], [[a.logprob for a in t.top] for t in scored])
+        if None in logq:
+            raise InvalidRequest(f"A tie among more than {count} tokens at a proposal's top-k cut: its "
+                                 "density cannot be computed; choose another proposal_top_k.",
+                                 param="proposal_top_k")
+        return logq

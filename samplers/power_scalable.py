@@ -122,7 +122,7 @@ class PowerScalableSampler(Sampler):
         return decode.n * total
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerScalableParams) -> None:
-        check_power_request(self.name, decode)
+        check_power_request(self.name, decode, "Its rollouts and candidates come from p itself.")
         if decode.top_k > 0 or decode.top_p < 1.0:
             raise InvalidRequest("power_scalable picks its own candidates: set `candidates`, not "
                                  "top_k or top_p.", param="top_k" if decode.top_k > 0 else "top_p")
@@ -228,11 +228,10 @@ class _Choice:
         count = min(self.params.candidates, self.model.vocab_size)
         probe = DecodeParams(max_tokens=1, ignore_eos=True, logprobs=count, seed=self._seed())
         top: tuple[TokenLogprob, ...] = ()
-        async with aclosing(self.model.decode(prefix, probe, request_id)) as batches:
+        async with aclosing(self.model.decode(prefix, probe, request_id, self.spend)) as batches:
             async for batch in batches:
                 for delta in batch:
                     top = delta.logprobs[0].top if delta.logprobs else top
-        self.spend.generated += 1
         return [_Candidate(self._token_draw(t), self.params.power_alpha * t.logprob) for t in top]
 
     def _token_draw(self, token: TokenLogprob) -> Completion:
@@ -244,8 +243,7 @@ class _Choice:
     async def _sampled_blocks(self, prefix: list[int], size: int, request_id: str) -> list[_Candidate]:
         """L blocks drawn from p, reduced to the K most likely distinct ones with their weights."""
         draws = await complete(self.model, prefix, self._from_p(_candidate_blocks(self.params), size),
-                               request_id)
-        self.spend.generated += sum(len(d.token_ids) for d in draws)
+                               request_id, self.spend)
         counts: dict[tuple[int, ...], int] = {}
         distinct: dict[tuple[int, ...], Completion] = {}
         for draw in draws:
@@ -270,8 +268,7 @@ class _Choice:
         if candidate.ended or room == 0:
             return [0.0] * self.params.rollouts
         draws = await complete(self.model, prefix + candidate.token_ids,
-                               self._from_p(self.params.rollouts, room), request_id)
-        self.spend.generated += sum(len(d.token_ids) for d in draws)
+                               self._from_p(self.params.rollouts, room), request_id, self.spend)
         self.spend.count("rollouts", len(draws))
         return [sum(d.logprobs) for d in draws]
 

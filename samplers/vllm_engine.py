@@ -19,12 +19,15 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, TokenLogprob
+from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, Spend, TokenLogprob
 
 # vLLM sizes the CPU KV cache as a fraction of the NUMA node's memory and refuses to start when that
 # much is not free; a fixed 2 GiB serves small models comfortably on a 24 GiB machine.
 CPU_KV_CACHE_BYTES = 2 << 30
 PROCESSED_LOGPROBS = "processed_logprobs"
+# Alternatives a position may report (vLLM's default is 20): power_mcmc's one-pass proposal reads
+# the top 2K at each position to find every token tied with the K-th (samplers/power_mcmc.py).
+MAX_LOGPROBS = 64
 LORA_RANKS = typing.get_args(MaxLoRARanks)  # the adapter ranks vLLM can be sized for
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ class VllmModel:
         self.max_model_len: int = engine.model_config.max_model_len
         self.vocab_size: int = engine.model_config.get_vocab_size()
         self.processed_logprobs = engine.model_config.logprobs_mode == PROCESSED_LOGPROBS
+        self.max_logprobs: int = engine.model_config.max_logprobs
+        if self.max_logprobs == -1:  # vLLM's "the whole vocabulary"
+            self.max_logprobs = self.vocab_size
         # With LoRA enabled, vLLM 0.32's CPU engine dies computing prompt logprobs (its LoRA
         # logits path is indexed for the sampled tokens only; vllm-project/vllm#29955).
         self.can_score = not (adapters and current_platform.is_cpu())
@@ -64,12 +70,10 @@ class VllmModel:
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         """vLLM's own engine flags (`--model`, `--dtype`, `--max-model-len`, ...), as `vllm serve` has them.
 
-        One default differs from vLLM's: logprobs are "processed", the log-probabilities of the
-        distribution each token was actually drawn from. Power samplers need exactly that for the
-        proposal density q (algorithms.md section 1), and vLLM offers no per-request choice.
+        One default differs from vLLM's: `--max-logprobs` is MAX_LOGPROBS rather than 20.
         """
         AsyncEngineArgs.add_cli_args(parser)
-        parser.set_defaults(logprobs_mode=PROCESSED_LOGPROBS)
+        parser.set_defaults(max_logprobs=MAX_LOGPROBS)
 
     @classmethod
     def create(cls, args: argparse.Namespace, adapters: Mapping[str, str] | None = None,
@@ -119,31 +123,41 @@ class VllmModel:
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    async def score(self, token_ids: list[int], start: int, request_id: str) -> list[float]:
+    async def score(self, token_ids: list[int], start: int, request_id: str, spend: Spend,
+                    alternatives: int = 0) -> list[TokenLogprob]:
         # Prompt logprobs are the model's raw log p whatever the logprobs mode, which makes them
         # exact for scoring; the price is that vLLM then skips the prefix cache for the request,
         # so the whole sequence is prefilled again.
-        sampling = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        sampling = SamplingParams(max_tokens=1, prompt_logprobs=alternatives, detokenize=False)
         final = None
         async for output in self.engine.generate(
             TokensPrompt(prompt_token_ids=token_ids), sampling, request_id
         ):
             final = output
+        spend.scored += len(token_ids)
         rows = final.prompt_logprobs  # rows[i] scores token_ids[i]; rows[0] is None
-        return [rows[i][token_ids[i]].logprob for i in range(start, len(token_ids))]
+        return [_token_logprob(token_ids[i], rows[i], alternatives) for i in range(start, len(token_ids))]
 
     async def decode(
-        self, prompt_token_ids: list[int], params: DecodeParams, request_id: str
+        self, prompt_token_ids: list[int], params: DecodeParams, request_id: str, spend: Spend
     ) -> AsyncIterator[list[ChoiceDelta]]:
         try:
             sampling = _sampling_params(params)
         except VLLMValidationError as exc:  # the server checks what it knows of; this is the rest
             raise InvalidRequest(str(exc), param=exc.parameter) from None
+        started: set[int] = set()  # the choices whose prefill is counted
         # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
         async for output in self.engine.generate(
             TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id,
             lora_request=self.adapters[params.adapter] if params.adapter else None,
         ):
+            # With n > 1 each choice is a request of its own inside vLLM, with its own prefill;
+            # its first output says how much of the prompt it found in the prefix cache.
+            for choice in output.outputs:
+                if choice.index not in started:
+                    started.add(choice.index)
+                    spend.prefilled += len(prompt_token_ids) - (output.num_cached_tokens or 0)
+                spend.generated += len(choice.token_ids)
             yield [_choice_delta(o, params.logprobs) for o in output.outputs]
 
 

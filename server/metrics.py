@@ -44,9 +44,9 @@ IN_FLIGHT = Gauge("powerserve_requests_in_flight", "Requests being served now, q
 QUEUED = Gauge("powerserve_requests_queued", "Requests waiting for a slot of their sampler.", LABELS)
 ENGINE_TOKENS = Counter(
     "powerserve_engine_tokens",
-    "Engine tokens spent by samplers beyond the prompt: kind=generated (decoded) or scored "
-    "(run through the model for their log-probabilities). Divided by output tokens: the compute "
-    "multiplier of a sampler.",
+    "Engine tokens spent by samplers: kind=generated (decoded), prefilled (prompt tokens of the "
+    "sampler's decoding requests not found in the prefix cache) or scored (run through the model "
+    "for their log-probabilities). Divided by output tokens: the compute multiplier of a sampler.",
     (*LABELS, "kind"),
 )
 
@@ -79,6 +79,7 @@ class RequestMetrics:
             REQUESTS.labels(**self.labels, outcome=outcome).inc()
             REQUEST_LATENCY.labels(**self.labels).observe(time.perf_counter() - self.start)
             ENGINE_TOKENS.labels(**self.labels, kind="generated").inc(spend.generated)
+            ENGINE_TOKENS.labels(**self.labels, kind="prefilled").inc(spend.prefilled)
             ENGINE_TOKENS.labels(**self.labels, kind="scored").inc(spend.scored)
             for event, count in spend.events.items():
                 SAMPLER_EVENTS.labels(**self.labels, event=event).inc(count)

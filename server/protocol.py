@@ -139,9 +139,11 @@ class SamplerUsage(BaseModel):
 
     name: str
     engine_tokens_generated: int
+    engine_tokens_prefilled: int
     engine_tokens_scored: int
     events: dict[str, int] = {}
     details: dict[str, float] = {}
+    proposal: str | None = None  # power_mcmc: how its proposal densities were obtained
 
 
 def new_id(prefix: str) -> str:

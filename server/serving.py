@@ -216,8 +216,8 @@ class Run:
 
     def sampler_usage(self) -> p.SamplerUsage:
         return p.SamplerUsage(name=self.label, engine_tokens_generated=self.spend.generated,
-                              engine_tokens_scored=self.spend.scored, events=self.spend.events,
-                              details=self.spend.details)
+                              engine_tokens_prefilled=self.spend.prefilled, engine_tokens_scored=self.spend.scored,
+                              events=self.spend.events, details=self.spend.details, proposal=self.spend.proposal)
 
     def failure(self, exc: Exception) -> APIError:
         """The client-facing error for an exception raised while the run was going."""

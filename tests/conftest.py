@@ -132,9 +132,10 @@ def tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def assert_base_logprobs(model_dir: Path, choices, tolerance: float = 2e-3) -> None:
-    """Each choice's token logprobs are the base model's own log p (temperature 1), by a float32
-    Hugging Face forward pass over prompt and completion."""
+def assert_base_logprobs(model_dir: Path, choices, tolerance: float = 2e-3, temperature: float = 1.0) -> None:
+    """Each choice's token logprobs, and the best of its alternatives where it has them, are the
+    model's own log p (at `temperature`, 1 by default: the base model), by a float32 Hugging Face
+    forward pass over prompt and completion."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -142,8 +143,11 @@ def assert_base_logprobs(model_dir: Path, choices, tolerance: float = 2e-3) -> N
     for choice in choices:
         ids = choice.prompt_token_ids + choice.token_ids
         with torch.no_grad():
-            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            logits = model(torch.tensor([ids])).logits[0].double()
+        reference = torch.log_softmax(logits / temperature, dim=-1)
         start = len(choice.prompt_token_ids)
         for i, token_id in enumerate(choice.token_ids):
-            assert choice.logprobs.token_logprobs[i] == pytest.approx(
-                reference[start + i - 1, token_id].item(), abs=tolerance)
+            row = reference[start + i - 1]
+            assert choice.logprobs.token_logprobs[i] == pytest.approx(row[token_id].item(), abs=tolerance)
+            if choice.logprobs.top_logprobs and choice.logprobs.top_logprobs[i]:
+                assert max(choice.logprobs.top_logprobs[i].values()) == pytest.approx(row.max().item(), abs=tolerance)

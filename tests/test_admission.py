@@ -21,8 +21,9 @@ from tests.test_metrics_and_cancel import assert_idle_soon, running, scrape, wai
 
 COST_CAP = 20000
 MAX_REQUEST_TIMEOUT_S = 120
-# q = p (proposal temperature 1), so a holder is never scored and costs little of the cap.
-HOLD = {"sampler": "power_mcmc", "mcmc_steps": 2, "proposal_temperature": 1.0, "ignore_eos": True}
+# q = p (proposal temperature 1, untruncated), so a holder is never scored and costs little of the cap.
+HOLD = {"sampler": "power_mcmc", "mcmc_steps": 2, "proposal_temperature": 1.0, "proposal_top_k": 0,
+        "ignore_eos": True}
 HOLD_PROMPT = "Once upon a time"
 # Its first pass alone decodes max_tokens tokens one after another; the scenarios last a few seconds.
 HOLD_S = 20

@@ -19,7 +19,10 @@ def test_spend_and_base_logprobs(live_server, client):
     assert usage["details"]["acceptance_rate"] == pytest.approx(
         usage["events"]["accepted"] / usage["events"]["proposals"])
     assert usage["engine_tokens_generated"] >= r.usage.completion_tokens == 16
-    assert usage["engine_tokens_scored"] > 0  # proposal at temperature 1/4: log p is scored
+    # The default proposal (temperature 1/4, top 16) takes log p and log q from its own pass.
+    assert usage["proposal"] == "one_pass" and usage["engine_tokens_scored"] == 0
+    # Every proposal prefills its prompt and prefix, at most once per choice and round.
+    assert 0 < usage["engine_tokens_prefilled"] <= (r.usage.prompt_tokens + 8) * (usage["events"]["proposals"] + 4)
     assert_base_logprobs(live_server.model_dir, r.choices)  # the base model's, not the proposal's
 
 
@@ -52,6 +55,12 @@ def test_metrics_count_proposals(http, client):
     ({"mcmc_steps": -1}, "mcmc_steps"),
     ({"block_size": 0}, "block_size"),
     ({"proposal_temperature": 0}, "proposal_temperature"),
+    ({"top_k": 5}, "top_k"),
+    ({"top_p": 0.5}, "top_p"),
+    ({"proposal_top_k": -1}, "proposal_top_k"),
+    # Untruncated at temperature 1/4, or cut beyond what one pass reports: log q is out of reach.
+    ({"proposal_top_k": 0}, "proposal_top_k"),
+    ({"proposal_top_k": 64}, "proposal_top_k"),
 ])
 def test_invalid_power_requests_are_400(http, fields, param):
     assert_error(complete(http, sampler="power_mcmc", **fields), 400, param)

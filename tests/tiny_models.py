@@ -26,8 +26,9 @@ EOS = VOCAB["</s>"]
 PROMPT = [0, 1, 0]
 
 
-def build(directory: Path, seed: int, sharpness: float, eos_bias: float) -> Path:
-    """A random 2-layer Llama; `sharpness` scales its output layer, `eos_bias` shifts EOS's logit."""
+def build(directory: Path, seed: int, sharpness: float, eos_bias: float, eos_ties_b: bool = False) -> Path:
+    """A random 2-layer Llama; `sharpness` scales its output layer, `eos_bias` shifts EOS's logit;
+    `eos_ties_b` gives EOS the output row of "b", so that the two tie exactly at every position."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -44,6 +45,8 @@ def build(directory: Path, seed: int, sharpness: float, eos_bias: float) -> Path
         model.lm_head.weight.mul_(sharpness)
         # Tilting EOS's output row towards "a"'s gives EOS real mass wherever "a" is likely.
         model.lm_head.weight[EOS] = model.lm_head.weight[EOS] + eos_bias * model.lm_head.weight[0]
+        if eos_ties_b:
+            model.lm_head.weight[EOS] = model.lm_head.weight[VOCAB["b"]]
     model.save_pretrained(directory, safe_serialization=True)
     word_level = Tokenizer(WordLevel(VOCAB, unk_token="a"))
     word_level.pre_tokenizer = WhitespaceSplit()
@@ -77,12 +80,24 @@ def next_token_logprobs(directory: Path, prompt: list[int], max_tokens: int) -> 
     return table
 
 
-def sequence_logprob(table: dict, y: tuple, temperature: float = 1.0) -> float:
-    """log of the product of per-token probabilities, each next-token distribution at `temperature`."""
+def kept(row: np.ndarray, top_k: int) -> np.ndarray:
+    """Which tokens a top-k cut keeps: every one that reaches the k-th largest value (all of them
+    for k = 0). Values within 1e-9 count as tied, as the engine's equal logits are here."""
+    if top_k == 0 or top_k >= len(row):
+        return np.ones(len(row), dtype=bool)
+    return row >= np.sort(row)[::-1][top_k - 1] - 1e-9
+
+
+def sequence_logprob(table: dict, y: tuple, temperature: float = 1.0, top_k: int = 0) -> float:
+    """log of the product of per-token probabilities, each next-token distribution at `temperature`
+    and cut to its `top_k` most likely tokens (-inf for a completion with a token cut away)."""
     total = 0.0
     for t, token in enumerate(y):
-        row = table[y[:t]] / temperature
-        total += row[token] - np.logaddexp.reduce(row)
+        row = table[y[:t]]
+        keep = kept(row, top_k)
+        if not keep[token]:
+            return -math.inf
+        total += row[token] / temperature - np.logaddexp.reduce(row[keep] / temperature)
     return total
 
 
@@ -93,12 +108,14 @@ def normalise(logw: dict) -> dict:
     return {y: w / total for y, w in weights.items()}
 
 
-def power_distribution(table: dict, max_tokens: int, alpha: float) -> dict:
-    return normalise({y: alpha * sequence_logprob(table, y) for y in completions(max_tokens)})
+def power_distribution(table: dict, max_tokens: int, alpha: float, top_k: int = 0) -> dict:
+    """p^alpha, over the completions whose every token survives a top-k cut (all for k = 0)."""
+    return normalise({y: alpha * sequence_logprob(table, y) for y in completions(max_tokens)
+                      if sequence_logprob(table, y, top_k=top_k) > -math.inf})
 
 
-def tempered_distribution(table: dict, max_tokens: int, temperature: float) -> dict:
-    return normalise({y: sequence_logprob(table, y, temperature) for y in completions(max_tokens)})
+def tempered_distribution(table: dict, max_tokens: int, temperature: float, top_k: int = 0) -> dict:
+    return normalise({y: sequence_logprob(table, y, temperature, top_k) for y in completions(max_tokens)})
 
 
 def total_variation(a: dict, b: dict) -> float:
@@ -117,16 +134,20 @@ def noise_bound(law: dict, samples: int, failure_probability: float) -> float:
 
 
 def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
-                      proposal_temperature: float = 1.0, length_term: bool = True) -> dict:
+                      proposal_temperature: float = 1.0, length_term: bool = True, top_k: int = 0,
+                      assumed_log_q=None) -> dict:
     """The exact law of a one-block chain after `steps` steps (algorithms.md section 1).
 
-    It starts from a proposal draw and each step resamples from a uniform index m. With
-    `length_term=False` it is the published code's chain, without log(L / L').
+    It starts from a proposal draw (at `proposal_temperature`, cut to `top_k`) and each step
+    resamples from a uniform index m. With `length_term=False` it is the published code's chain,
+    without log(L / L'); `assumed_log_q(y)`, when given, is the log q its acceptance test uses in
+    place of the true one (a sampler that gets q wrong).
     """
-    states = completions(max_tokens)
+    states = [y for y in completions(max_tokens) if sequence_logprob(table, y, top_k=top_k) > -math.inf]
     index = {y: i for i, y in enumerate(states)}
     logp = {y: sequence_logprob(table, y) for y in states}
-    logq = {y: sequence_logprob(table, y, proposal_temperature) for y in states}
+    logq = {y: sequence_logprob(table, y, proposal_temperature, top_k) for y in states}
+    used_logq = logq if assumed_log_q is None else {y: assumed_log_q(y) for y in states}
     kernel = np.zeros((len(states), len(states)))
     for y in states:
         for m in range(len(y)):
@@ -134,10 +155,10 @@ def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
                 if z[:m] != y[:m] or len(z) <= m:
                     continue
                 # the shared prefix cancels out of every difference below
-                log_a = alpha * (logp[z] - logp[y]) + (logq[y] - logq[z])
+                log_a = alpha * (logp[z] - logp[y]) + (used_logq[y] - used_logq[z])
                 if length_term:
                     log_a += math.log(len(y) / len(z))
-                q_suffix = logq[z] - sequence_logprob(table, z[:m], proposal_temperature)
+                q_suffix = logq[z] - sequence_logprob(table, z[:m], proposal_temperature, top_k)
                 kernel[index[y], index[z]] += math.exp(q_suffix) / len(y) * min(1.0, math.exp(log_a))
         kernel[index[y], index[y]] += 1.0 - kernel[index[y]].sum()
     law = np.array([math.exp(logq[y]) for y in states])
@@ -149,10 +170,10 @@ def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
 class TinyEngine(BlockingModel):
     """A real vLLM engine on a tiny model, with an event loop of its own, that draws completions."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *flags: str):
         super().__init__(parse_args([
             "--model", str(directory), "--enforce-eager", "--dtype", "float32",
-            "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20)]))
+            "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20), *flags]))
 
     def draw(self, sampler: Sampler, count: int, decode: DecodeParams, params: BaseModel
              ) -> list[tuple[list[ChoiceDelta], Spend]]:
