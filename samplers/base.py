@@ -206,9 +206,9 @@ class Completion:
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    alternatives: list[list[float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    alternatives: list[list[float]] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:

@@ -50,8 +50,11 @@ def test_load_run_reports_latency_and_spend_per_sampler(load_result):
             assert point["total_output_tokens"] == 16
             assert 0 < point["median_ttft_ms"] <= point["median_e2el_ms"]
             multiplier = point["spend"]["engine_tokens_per_output_token"]
+            engine = point["spend"]["engine_tokens"]
             if label == "direct":
-                assert multiplier == 1
+                # Its output, and its prompts' prefills (those the prefix cache did not hold).
+                assert engine["generated"] == 16 and engine["scored"] == 0
+                assert multiplier == (16 + engine["prefilled"]) / 16
             else:
                 # Two blocks of 4 per request; the first rolls out 2 x 2 x 4 tokens after 2 candidate blocks.
                 assert multiplier > 1
