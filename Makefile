@@ -64,6 +64,7 @@ bench: install
 	$(PY) -m benchmarks.cpu_dtype
 	$(PY) -m benchmarks.power_sampling fidelity
 	$(PY) -m benchmarks.power_sampling latency
+	$(PY) -m benchmarks.power_sampling proposal --concurrency 1
 	$(PY) -m benchmarks.power_sampling selfreward
 	$(PY) -m benchmarks.overload
 	$(PY) -m distill teacher --workdir runs/distill-gsm8k --limit 256 $(DISTILL_BENCH)

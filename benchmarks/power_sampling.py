@@ -202,7 +202,7 @@ def proposal(args: argparse.Namespace) -> dict:
     servers = {f"{mode}, KV blocks of {size}": (mode, size) for mode, size in args.servers}
     rows = {}
     for name, (mode, size) in servers.items():
-        flags = (*UNGATED, "--enforce-eager", "--logprobs-mode", mode, "--block-size", str(size))
+        flags = (*UNGATED, "--logprobs-mode", mode, "--block-size", str(size))
         with embedded_server("smollm2", free_port(), flags, log=RESULTS / "proposal-server.log") as base_url:
             client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
             timed_batch(client, args.prompt, args.max_tokens, {}, 1)  # warm-up
@@ -240,6 +240,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.power_sampling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, help="the JSON to write (default: results/power_sampling_COMMAND.json)")
     commands = parser.add_subparsers(dest="command", required=True)
     fid = commands.add_parser("fidelity")
     fid.add_argument("--samples", type=int, default=1024, help="independent completions per point (multiple of 64)")
@@ -265,7 +266,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     run = {"fidelity": fidelity, "latency": latency, "proposal": proposal, "selfreward": selfreward}[args.command]
     report = {**header("benchmarks.power_sampling", sys.argv[1:]), **run(args)}
-    path = RESULTS / f"power_sampling_{args.command}.json"
+    path = args.output or RESULTS / f"power_sampling_{args.command}.json"
     path.write_text(json.dumps(report, indent=2))
     logger.info("Wrote %s", path)
 

@@ -1,6 +1,7 @@
 """/v1/completions against the real engine, through the official OpenAI client."""
 
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -147,3 +148,20 @@ def test_logprobs_are_the_models_own_at_any_temperature(live_server, client, tem
     assert len(r.choices[0].logprobs.top_logprobs[0]) == 3
     assert len(r.choices[0].logprobs.tokens) == len(r.choices[0].token_ids)
     assert r.choices[0].logprobs.text_offset[0] == 0
+
+
+def test_a_repeated_prompt_is_prefilled_once(client):
+    """On CPU the server's KV blocks hold 32 tokens (vLLM's default is 128) and the prefix cache
+    shares whole blocks: a prompt asked a second time is read from the cache but for its last
+    partial block (vLLM always computes at least the last token), and `engine_tokens_prefilled`
+    counts what was computed."""
+    prompt = f"Request {uuid.uuid4().hex}: " + "count the words one two three four five " * 12
+
+    def prefilled() -> tuple[int, int]:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+        return r.sampler_usage["engine_tokens_prefilled"], r.usage.prompt_tokens
+
+    first, length = prefilled()
+    second, _ = prefilled()
+    assert length > 64 and first == length
+    assert second == length - 32 * ((length - 1) // 32)
