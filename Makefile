@@ -65,6 +65,8 @@ bench: install
 	$(PY) -m benchmarks.power_sampling fidelity
 	$(PY) -m benchmarks.power_sampling latency
 	$(PY) -m benchmarks.power_sampling proposal --concurrency 1
+	$(PY) -m benchmarks.power_sampling --output benchmarks/results/power_sampling_proposal_x8.json proposal \
+		--concurrency 8 --servers raw_logprobs:32 processed_logprobs:128
 	$(PY) -m benchmarks.power_sampling selfreward
 	$(PY) -m benchmarks.overload
 	$(PY) -m distill teacher --workdir runs/distill-gsm8k --limit 256 $(DISTILL_BENCH)
