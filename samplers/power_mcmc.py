@@ -1,4 +1,4 @@
-"""`power_mcmc`: block-wise Metropolis-Hastings towards p(y|x)^alpha (algorithms.md section 1).
+"""`power_mcmc`: block-wise Metropolis-Hastings towards p(y|x)^alpha (README, power_mcmc).
 
 Karan & Du (arXiv 2510.14901). The chain's state is a whole completion with its per-token log p
 (base model, temperature 1) and log q (the proposal actually sampled from). Each step resamples a
@@ -79,7 +79,7 @@ class Segment:
 
 
 def log_acceptance(alpha: float, current: Segment, proposal: Segment, m: int) -> float:
-    """log A for replacing current[m:] by `proposal` (algorithms.md section 1, step 3).
+    """log A for replacing current[m:] by `proposal` (README, power_mcmc).
 
     alpha * (log p(z) - log p(y_>=m)) + (log q(y_>=m) - log q(z)) + log(L / L'), where the last
     term is the ratio of the index-choice probabilities: 1/L' for the way back, 1/L for the way in.
@@ -119,7 +119,7 @@ class PowerMCMCSampler(Sampler):
 
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: PowerMCMCParams) -> int:
         # Each stage extends a chain to its length limit, then each step redraws at most that limit
-        # (algorithms.md section 1). Unless q = p a proposal may be scored, prefix included: every
+        # (README, power_mcmc). Unless q = p a proposal may be scored, prefix included: every
         # one on the "scored" path, those with an unresolved tie on the "one_pass" path.
         limits = _stage_limits(decode.max_tokens, params)
         generated = decode.max_tokens + params.mcmc_steps * sum(limits)

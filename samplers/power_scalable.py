@@ -122,10 +122,7 @@ class PowerScalableSampler(Sampler):
         return decode.n * total
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerScalableParams) -> None:
-        check_power_request(self.name, decode, "Its rollouts and candidates come from p itself.")
-        if decode.top_k > 0 or decode.top_p < 1.0:
-            raise InvalidRequest("power_scalable picks its own candidates: set `candidates`, not "
-                                 "top_k or top_p.", param="top_k" if decode.top_k > 0 else "top_p")
+        check_power_request(self.name, decode, "power_scalable picks its own candidates: set `candidates`.")
         if params.block_size == 1:
             for field in ("candidate_blocks", "block_weighting"):
                 if getattr(params, field) is not None:
