@@ -67,6 +67,9 @@ bench: install
 	$(PY) -m benchmarks.power_sampling proposal --concurrency 1
 	$(PY) -m benchmarks.power_sampling --output benchmarks/results/power_sampling_proposal_x8.json proposal \
 		--concurrency 8 --servers raw_logprobs:32 processed_logprobs:128
+	$(PY) -m benchmarks.power_sampling lookahead
+	$(PY) -m benchmarks.power_sampling --output benchmarks/results/power_sampling_lookahead_x8.json lookahead \
+		--concurrency 8 --depths 1 10 --rounds 1
 	$(PY) -m benchmarks.power_sampling selfreward
 	$(PY) -m benchmarks.overload
 	$(PY) -m distill teacher --workdir runs/distill-gsm8k --limit 256 $(DISTILL_BENCH)

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.power_sampling {fidelity,latency,selfreward}`: how exact, how fast and how
+"""`python -m benchmarks.power_sampling {fidelity,latency,proposal,lookahead,selfreward}`: how exact, how fast and how
 good the power samplers are, each measured side by side in one run.
 
 fidelity: on the tiny enumerable Llama of the tests, total variation between independent
@@ -15,6 +15,10 @@ proposal: power_mcmc's proposal paths on the embedded SmolLM2 at T = 128, 16 blo
   tokens (vLLM's CPU default) against 32, each on a server of its own beside direct on it, one
   request alone and 8 at once: wall-clock and engine tokens (prefills included) per output token.
   Writes power_sampling_proposal.json.
+lookahead: power_mcmc's one-pass proposal at look-ahead depths 1 (none), 4 and 10 (a whole
+  stage's steps) beside direct, on one server, in alternating rounds: wall-clock ratio, acceptance
+  rate, discarded draws per proposal used, engine tokens per output token. Writes
+  power_sampling_lookahead.json.
 selfreward: the quality harness (benchmarks/quality.py) on GSM8K test prompts with the embedded
   SmolLM2: mean base-model log p per token and per completion, answer accuracy and latency of
   direct sampling, temperature 1/alpha, power_mcmc and power_scalable configurations, one sampler
@@ -193,12 +197,13 @@ def latency(args: argparse.Namespace) -> dict:
 
 
 def proposal(args: argparse.Namespace) -> dict:
-    """power_mcmc's proposal paths, each on a server of its own, beside direct on the same server."""
+    """power_mcmc's proposal paths, each on a server of its own, beside direct on the same server;
+    one step at a time (the `lookahead` command measures drawing ahead)."""
     from openai import OpenAI
 
     from benchmarks.vs_vllm import UNGATED, free_port
 
-    mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16)}
+    mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16), "lookahead": 1}
     servers = {f"{mode}, KV blocks of {size}": (mode, size) for mode, size in args.servers}
     rows = {}
     for name, (mode, size) in servers.items():
@@ -221,6 +226,41 @@ def proposal(args: argparse.Namespace) -> dict:
                             direct["engine_token_multiplier_with_prefills"])
     return {"max_tokens": args.max_tokens, "prompt": args.prompt, "power_mcmc": mcmc, "servers": servers,
             "rows": rows}
+
+
+def lookahead(args: argparse.Namespace) -> dict:
+    """power_mcmc's one-pass proposal at each look-ahead depth beside direct, on one server, in
+    alternating rounds (direct, then each depth) so that drift favours none; the medians over
+    rounds of each one's ratio to the direct run of its round."""
+    from openai import OpenAI
+
+    from benchmarks.vs_vllm import UNGATED, free_port
+
+    mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16)}
+    runs: dict[str, list[dict]] = {}
+    with embedded_server("smollm2", free_port(), UNGATED, log=RESULTS / "lookahead-server.log") as base_url:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
+        timed_batch(client, args.prompt, args.max_tokens, {}, 1)  # warm-up
+        for round_number in range(args.rounds):
+            direct = timed_batch(client, args.prompt, args.max_tokens, {}, args.concurrency)
+            runs.setdefault("direct", []).append(direct)
+            for depth in args.depths:
+                row = timed_batch(client, args.prompt, args.max_tokens, {**mcmc, "lookahead": depth}, args.concurrency)
+                row["wall_clock_ratio_to_direct"] = row["wall_s"] / direct["wall_s"]
+                row["acceptance_rate"] = row["details"]["acceptance_rate"]
+                row["discarded_per_proposal"] = row["events"].get("discarded", 0) / row["events"]["proposals"]
+                runs.setdefault(f"lookahead {depth}", []).append(row)
+                logger.info("round %d, lookahead %d: %.1f s, %.1fx direct (%.1f s); acceptance %.2f, discarded per "
+                            "proposal %.2f, engine tokens per output token %.1f", round_number + 1, depth,
+                            row["wall_s"], row["wall_clock_ratio_to_direct"], direct["wall_s"],
+                            row["acceptance_rate"], row["discarded_per_proposal"],
+                            row["engine_token_multiplier_with_prefills"])
+    summary = {name: {key: statistics.median(r[key] for r in rows) for key in (
+        "wall_s", "wall_clock_ratio_to_direct", "acceptance_rate", "discarded_per_proposal",
+        "engine_token_multiplier_with_prefills", "generated_token_multiplier") if key in rows[0]}
+        for name, rows in runs.items()}
+    return {"max_tokens": args.max_tokens, "prompt": args.prompt, "concurrency": args.concurrency,
+            "power_mcmc": mcmc, "summary": summary, "runs": runs}
 
 
 def selfreward(args: argparse.Namespace) -> dict:
@@ -258,13 +298,20 @@ def main() -> None:
     prop.add_argument("--servers", type=lambda spec: (spec.split(":")[0], int(spec.split(":")[1])), nargs="+",
                       default=[("raw_logprobs", 128), ("raw_logprobs", 32), ("processed_logprobs", 128)],
                       metavar="MODE:BLOCK_SIZE", help="logprobs mode and KV block size of each server")
+    ahead = commands.add_parser("lookahead")
+    ahead.add_argument("--max-tokens", type=int, default=128)
+    ahead.add_argument("--prompt", default="Question: what is 12 times 7? Answer step by step.")
+    ahead.add_argument("--concurrency", type=int, default=1, help="requests at once")
+    ahead.add_argument("--depths", type=int, nargs="+", default=[1, 4, 10], help="power_mcmc lookahead values")
+    ahead.add_argument("--rounds", type=int, default=2)
     reward = commands.add_parser("selfreward")
     reward.add_argument("--prompts", type=int, default=8, help="the first N GSM8K test questions")
     reward.add_argument("--max-tokens", type=int, default=128)
     reward.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    run = {"fidelity": fidelity, "latency": latency, "proposal": proposal, "selfreward": selfreward}[args.command]
+    run = {"fidelity": fidelity, "latency": latency, "proposal": proposal, "lookahead": lookahead,
+           "selfreward": selfreward}[args.command]
     report = {**header("benchmarks.power_sampling", sys.argv[1:]), **run(args)}
     path = args.output or RESULTS / f"power_sampling_{args.command}.json"
     path.write_text(json.dumps(report, indent=2))

@@ -6,8 +6,17 @@ suffix from a uniformly chosen index and accepts it with the Metropolis-Hastings
 the index-choice term log(L / L') that makes the chain exact when an EOS changes the length.
 
 Differences from the published code: the log q values are exact, the current state's values are
-stored and never recomputed, the length term is kept, and the `n` chains of a request advance in
-lockstep so that their proposals reach the engine together.
+stored and never recomputed, the length term is kept, the `n` chains of a request advance in
+lockstep so that their proposals reach the engine together, and with `lookahead` D > 1 the
+proposals of the next D steps are drawn at once from the chain as it is.
+
+Look-ahead stays exact because every step still makes a Metropolis-Hastings move from the chain's
+current state y: a proposal drawn ahead is used only if its index was drawn uniformly for y's length
+and its suffix was drawn after the prefix that y has at that index; otherwise the index (if the
+length changed) or the suffix is drawn again first. What decides this is the chain's past, never the
+draw's own outcome, and each draw is independent of that past given the prefix it was conditioned
+on, so the index is uniform and the suffix follows q given y's prefix, exactly as when drawn at the
+step itself (README, power_mcmc, "look-ahead").
 
 The proposal draws each token at `proposal_temperature` among the `proposal_top_k` most likely
 tokens. Its log p and log q come from one of three paths (`Spend.proposal`):
@@ -56,6 +65,11 @@ class PowerMCMCParams(BaseModel):
         description="K: the proposal draws among the K most likely tokens at each position, and the "
                     "target becomes p^alpha over completions made of such tokens; 0 (or at least the "
                     "vocabulary size): untruncated.",
+    )
+    lookahead: int = Field(
+        10, ge=1, le=64,
+        description="Steps whose proposals are drawn ahead, all at once, from the chain as it is; "
+                    "one whose prefix an accepted step changes is drawn again. 1: one at a time.",
     )
 
 
@@ -121,11 +135,13 @@ class PowerMCMCSampler(Sampler):
         # Each stage extends a chain to its length limit, then each step redraws at most that limit
         # (README, power_mcmc). Unless q = p a proposal may be scored, prefix included: every
         # one on the "scored" path, those with an unresolved tie on the "one_pass" path.
+        # With look-ahead, a stage draws at most two proposals per step (`_look_ahead`).
         limits = _stage_limits(decode.max_tokens, params)
-        generated = decode.max_tokens + params.mcmc_steps * sum(limits)
+        draws = params.mcmc_steps * (1 if params.lookahead == 1 else 2)
+        generated = decode.max_tokens + draws * sum(limits)
         scored = 0
         if not _proposal_is_base(params, vocab_size=None):
-            scored = (1 + params.mcmc_steps) * (len(limits) * prompt_length + sum(limits))
+            scored = (1 + draws) * (len(limits) * prompt_length + sum(limits))
         return decode.n * (generated + scored)
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerMCMCParams) -> None:
@@ -209,6 +225,36 @@ def _alternatives(model: LanguageModel, params: PowerMCMCParams) -> int:
     return min(wanted, model.vocab_size, model.max_logprobs)
 
 
+@dataclass
+class _Slot:
+    """An upcoming step of a chain (README, power_mcmc, "look-ahead"): its index, the chain's
+    length when that index was drawn, and the proposal drawn ahead for it, if any, with the prefix
+    that proposal follows."""
+
+    cut: int
+    length: int
+    draw: asyncio.Task | None = None
+    prefix: list[int] | None = None
+
+    def discard(self) -> bool:
+        """Drop the proposal drawn ahead, if any (aborting its engine request if still running)."""
+        if self.draw is None:
+            return False
+        self.draw.cancel()
+        # A draw that failed before it was discarded has nothing left to report.
+        self.draw.add_done_callback(lambda task: task.cancelled() or task.exception())
+        self.draw = self.prefix = None
+        return True
+
+
+@dataclass
+class _Window:
+    """A chain's upcoming steps within a stage, and how many proposals it has drawn for them."""
+
+    slots: list[_Slot]
+    draws: int = 0
+
+
 class _ChainRun:
     """The `n` chains of one request, advanced in lockstep."""
 
@@ -229,23 +275,31 @@ class _ChainRun:
         for limit in _stage_limits(self.decode.max_tokens, self.params):
             # Extend every unfinished chain to the stage's length with the proposal.
             extensions = await asyncio.gather(*(
-                self._propose(c, len(c.tokens), limit) if not c.ended and len(c.tokens) < limit
+                self._launch(c, len(c.tokens), limit) if not c.ended and len(c.tokens) < limit
                 else asyncio.sleep(0) for c in chains  # sleep(0) stands for "nothing to add": None
             ))
             chains = [c if z is None else c.then(z) for c, z in zip(chains, extensions)]
-            for _ in range(self.params.mcmc_steps):
-                chains = await self._step(chains, limit)
+            windows = [_Window([]) for _ in chains]
+            try:
+                for step in range(self.params.mcmc_steps):
+                    chains = await self._step(chains, windows, limit, self.params.mcmc_steps - step)
+            finally:
+                for slot in (slot for window in windows for slot in window.slots):
+                    slot.discard()
         self.spend.details["acceptance_rate"] = (
             self.spend.events.get("accepted", 0) / max(self.spend.events.get("proposals", 0), 1)
         )
         return chains
 
-    async def _step(self, chains: list[Segment], limit: int) -> list[Segment]:
-        cuts = [self.rng.randrange(len(c.tokens)) for c in chains]
-        proposals = await asyncio.gather(*(self._propose(c, m, limit) for c, m in zip(chains, cuts)))
+    async def _step(self, chains: list[Segment], windows: list[_Window], limit: int,
+                    steps_left: int) -> list[Segment]:
+        for chain, window in zip(chains, windows):
+            self._look_ahead(chain, window, limit, steps_left)
+        proposals = await asyncio.gather(*(window.slots[0].draw for window in windows))
         self.spend.count("proposals", len(chains))
         updated = []
-        for chain, m, z in zip(chains, cuts, proposals):
+        for chain, window, z in zip(chains, windows, proposals):
+            m = window.slots.pop(0).cut
             accept = math.log(1.0 - self.rng.random()) < log_acceptance(self.params.power_alpha, chain, z, m)
             if accept:
                 self.spend.count("accepted")
@@ -253,13 +307,34 @@ class _ChainRun:
             updated.append(chain)
         return updated
 
-    async def _propose(self, chain: Segment, m: int, limit: int) -> Segment:
-        """Draw a suffix after chain[:m] from the proposal, up to `limit` tokens in all, with its
-        log p and log q."""
-        prefix = self.prompt + chain.tokens[:m]
+    def _look_ahead(self, chain: Segment, window: _Window, limit: int, steps_left: int) -> None:
+        """Bring the chain's next `lookahead` steps (at most `steps_left`) up to date with the chain
+        as it is now (README, power_mcmc, "look-ahead"): an index drawn for another length is drawn
+        again, and a proposal whose prefix has changed is discarded, its index kept. Then the next
+        step gets a proposal if it has none, and the later ones while the stage's budget of draws
+        (two per step) still leaves one for every remaining step should all held ahead be
+        discarded."""
+        length = len(chain.tokens)
+        for slot in window.slots:
+            if slot.length != length:
+                slot.cut, slot.length = self.rng.randrange(length), length
+                stale = True
+            else:
+                stale = slot.prefix is not None and chain.tokens[:slot.cut] != slot.prefix
+            if stale and slot.discard():
+                self.spend.count("discarded")
+        while len(window.slots) < min(self.params.lookahead, steps_left):
+            window.slots.append(_Slot(self.rng.randrange(length), length))
+        budget = 2 * self.params.mcmc_steps
+        for i, slot in enumerate(window.slots):
+            if slot.draw is None and (i == 0 or window.draws + steps_left <= budget):
+                slot.draw, slot.prefix = self._launch(chain, slot.cut, limit), chain.tokens[:slot.cut]
+                window.draws += 1
+
+    def _launch(self, chain: Segment, m: int, limit: int) -> asyncio.Task:
+        """Start drawing a suffix after chain[:m] from the proposal, up to `limit` tokens in all.
+        The random choices are made here, in call order, so that a seeded run is reproducible."""
         self.proposals += 1
-        request_id = f"{self.request_id}-p{self.proposals}"
-        alternatives = _alternatives(self.model, self.params) if self.path == "one_pass" else 0
         params = DecodeParams(
             max_tokens=limit - m,
             temperature=_proposal_temperature(self.params),
@@ -267,8 +342,13 @@ class _ChainRun:
             seed=None if self.decode.seed is None else self.rng.randrange(2**31),
             stop_token_ids=self.decode.stop_token_ids,
             ignore_eos=self.decode.ignore_eos,
-            logprobs=alternatives,
+            logprobs=_alternatives(self.model, self.params) if self.path == "one_pass" else 0,
         )
+        prefix = self.prompt + chain.tokens[:m]
+        return asyncio.create_task(self._propose(prefix, params, f"{self.request_id}-p{self.proposals}"))
+
+    async def _propose(self, prefix: list[int], params: DecodeParams, request_id: str) -> Segment:
+        """A suffix after `prefix` drawn with `params`, with its log p and log q."""
         [draw] = await complete(self.model, prefix, params, request_id, self.spend)
         tokens = draw.token_ids
         if self.path == "base":

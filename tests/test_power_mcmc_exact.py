@@ -44,11 +44,17 @@ def drawer(tiny):
     drawer.close()
 
 
-def run_chains(drawer, chains: int = CHAINS, **fields) -> tuple[dict, Spend]:
+def run_chains(drawer, table: dict, chains: int = CHAINS, **fields) -> tuple[dict, Spend]:
     """`chains` chains of one block with the given sampler fields: the empirical law of their
-    completions, and one request's spend."""
+    completions, and one request's spend. Each final state's stored log p, which came from the
+    proposal that drew it, is checked against the model's: a suffix used after a prefix other than
+    the one it was drawn after would show there."""
     params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS, **fields)
-    results = drawer.draw(PowerMCMCSampler(), chains, DecodeParams(max_tokens=MAX_TOKENS), params)
+    results = drawer.draw(PowerMCMCSampler(), chains, DecodeParams(max_tokens=MAX_TOKENS, logprobs=0), params)
+    for deltas, _ in results:
+        for delta in deltas:
+            for t, entry in enumerate(delta.logprobs):
+                assert entry.logprob == pytest.approx(table[tuple(delta.token_ids[:t])][entry.token_id], abs=1e-4)
     counts = Counter(tuple(d.token_ids) for deltas, _ in results for d in deltas)
     assert sum(counts.values()) == chains
     return {y: c / chains for y, c in counts.items()}, results[0][1]
@@ -69,7 +75,7 @@ def assert_matches(empirical: dict, target: dict, chain_law: dict, wrong_laws: l
 def test_chain_matches_exact_power_distribution(drawer, tiny):
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
-    empirical, spend = run_chains(drawer, proposal_temperature=1.0, proposal_top_k=0)
+    empirical, spend = run_chains(drawer, table, proposal_temperature=1.0, proposal_top_k=0)
     assert_matches(empirical, target, tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS), [
         tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, length_term=False),
         tm.tempered_distribution(table, MAX_TOKENS, 1.0),
@@ -100,10 +106,28 @@ def test_one_pass_proposal_matches_power_distribution(drawer, tiny):
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
     chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE)
-    empirical, spend = run_chains(drawer, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE)
+    empirical, spend = run_chains(drawer, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE)
     assert_matches(empirical, target, chain_law, [tm.tempered_distribution(table, MAX_TOKENS, PROPOSAL_TEMPERATURE)])
     assert spend.proposal == "one_pass" and spend.scored == 0
     assert 0 < spend.events["accepted"] < spend.events["proposals"]
+
+
+LOOKAHEAD = 4
+
+
+def test_look_ahead_keeps_the_chain_exact(drawer, tiny):
+    """Proposals drawn LOOKAHEAD steps ahead, used only where the chain's length and the prefix at
+    their index are unchanged (and drawn again where not), leave each step's law as it was: the
+    chain's law after STEPS steps is the one-step-at-a-time chain's. Here accepted moves change the
+    prefix or the length often (EOS holds half the mass), so both kinds of redraw happen."""
+    _, table = tiny
+    target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
+    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE)
+    empirical, spend = run_chains(drawer, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE,
+                                  lookahead=LOOKAHEAD)
+    assert_matches(empirical, target, chain_law, [tm.tempered_distribution(table, MAX_TOKENS, PROPOSAL_TEMPERATURE)])
+    used, discarded = spend.events["proposals"], spend.events["discarded"]
+    assert used == 64 * STEPS and 0 < discarded <= used  # a budget of two draws per step
 
 
 def test_one_pass_proposal_cut_to_the_top_k_matches_its_target(cut_model):
@@ -111,7 +135,7 @@ def test_one_pass_proposal_cut_to_the_top_k_matches_its_target(cut_model):
     directory, table = cut_model
     engine = tm.TinyEngine(directory)
     try:
-        empirical, spend = run_chains(engine, CUT_CHAINS, proposal_top_k=CUT,
+        empirical, spend = run_chains(engine, table, CUT_CHAINS, proposal_top_k=CUT,
                                       proposal_temperature=PROPOSAL_TEMPERATURE)
     finally:
         engine.close()
@@ -170,7 +194,7 @@ def test_a_tie_at_the_cut_stays_exact(tmp_path):
             return [a.logprob for a in entries[0].top]
 
         alternatives = engine.run(alternatives_at(tied[0]))
-        empirical, spend = run_chains(engine, TIED_CHAINS, proposal_top_k=1,
+        empirical, spend = run_chains(engine, table, TIED_CHAINS, proposal_top_k=1,
                                       proposal_temperature=PROPOSAL_TEMPERATURE)
     finally:
         engine.close()

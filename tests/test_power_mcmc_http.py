@@ -21,8 +21,10 @@ def test_spend_and_base_logprobs(live_server, client):
     assert usage["engine_tokens_generated"] >= r.usage.completion_tokens == 16
     # The default proposal (temperature 1/4, top 16) takes log p and log q from its own pass.
     assert usage["proposal"] == "one_pass" and usage["engine_tokens_scored"] == 0
-    # Every proposal prefills its prompt and prefix, at most once per choice and round.
-    assert 0 < usage["engine_tokens_prefilled"] <= (r.usage.prompt_tokens + 8) * (usage["events"]["proposals"] + 4)
+    # Every draw (those used, those drawn ahead and discarded, and the 2 x 2 stage extensions)
+    # prefills at most its prompt and prefix.
+    draws = usage["events"]["proposals"] + usage["events"].get("discarded", 0) + 4
+    assert 0 < usage["engine_tokens_prefilled"] <= (r.usage.prompt_tokens + 8) * draws
     assert_base_logprobs(live_server.model_dir, r.choices)  # the base model's, not the proposal's
 
 
@@ -58,6 +60,8 @@ def test_metrics_count_proposals(http, client):
     ({"top_k": 5}, "top_k"),
     ({"top_p": 0.5}, "top_p"),
     ({"proposal_top_k": -1}, "proposal_top_k"),
+    ({"lookahead": 0}, "lookahead"),
+    ({"lookahead": 65}, "lookahead"),
     # Untruncated at temperature 1/4, or cut beyond what one pass reports: log q is out of reach.
     ({"proposal_top_k": 0}, "proposal_top_k"),
     ({"proposal_top_k": 64}, "proposal_top_k"),
