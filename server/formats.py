@@ -47,7 +47,9 @@ def _completion_logprobs(choice: ChoiceState, new: list[TokenLogprob], text: str
     return p.CompletionLogprobs(
         tokens=[t.token for t in new],
         token_logprobs=[_reported(t.logprob) for t in new],
-        top_logprobs=[{alt.token: _reported(alt.logprob) for alt in t.top} for t in new],
+        # The drawn token first, then the most likely ones: what vLLM's server (and OpenAI's
+        # completions API) report, so `logprobs: k` may give k + 1 entries.
+        top_logprobs=[{t.token: _reported(t.logprob)} | {a.token: _reported(a.logprob) for a in t.top} for t in new],
         text_offset=offsets,
     )
 

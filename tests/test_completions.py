@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import MODEL, assert_base_logprobs
+from tests.conftest import MODEL, STARTUP_TIMEOUT_S, assert_base_logprobs
 
 PROMPT = "The capital of France is"
 
@@ -145,9 +145,34 @@ def test_logprobs_are_the_models_own_at_any_temperature(live_server, client, tem
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, logprobs=3,
                                   temperature=temperature, extra_body={"return_token_ids": True})
     assert_base_logprobs(live_server.model_dir, r.choices)
-    assert len(r.choices[0].logprobs.top_logprobs[0]) == 3
+    first = r.choices[0].logprobs
+    assert first.tokens[0] in first.top_logprobs[0] and len(first.top_logprobs[0]) in (3, 4)  # 3 and the drawn
     assert len(r.choices[0].logprobs.tokens) == len(r.choices[0].token_ids)
     assert r.choices[0].logprobs.text_offset[0] == 0
+
+
+def test_logprobs_equal_vllms_own_servers(live_server, client, tmp_path):
+    """vLLM's own OpenAI server on the same model and engine settings answers the same seeded
+    request with the same tokens, log-probabilities and alternatives, at temperature 1 and 0.5."""
+    from openai import OpenAI
+
+    from benchmarks.vs_vllm import free_port, start_server, stop_server, wait_healthy
+
+    port, log = free_port(), tmp_path / "vllm.log"
+    process = start_server("vllm", str(live_server.model_dir), MODEL, port, "--dtype", "float32",
+                           "--block-size", "32", log=log)
+    try:
+        wait_healthy("vllm", process, port, STARTUP_TIMEOUT_S, log)
+        theirs = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for temperature in (1.0, 0.5):
+            request = dict(model=MODEL, prompt=PROMPT, max_tokens=12, logprobs=3, seed=5, temperature=temperature)
+            ours, vllms = (c.completions.create(**request).choices[0].logprobs for c in (client, theirs))
+            assert ours.tokens == vllms.tokens
+            assert ours.token_logprobs == pytest.approx(vllms.token_logprobs, abs=1e-4)
+            for mine, other in zip(ours.top_logprobs, vllms.top_logprobs, strict=True):
+                assert mine == pytest.approx(other, abs=1e-4)
+    finally:
+        stop_server("vllm", process)
 
 
 def test_a_repeated_prompt_is_prefilled_once(client):
