@@ -135,9 +135,8 @@ class PowerMCMCSampler(Sampler):
         # Each stage extends a chain to its length limit, then each step redraws at most that limit
         # (README, power_mcmc). Unless q = p a proposal may be scored, prefix included: every
         # one on the "scored" path, those with an unresolved tie on the "one_pass" path.
-        # With look-ahead, a stage draws at most two proposals per step (`_look_ahead`).
         limits = _stage_limits(decode.max_tokens, params)
-        draws = params.mcmc_steps * (1 if params.lookahead == 1 else 2)
+        draws = _draws_per_stage(params)
         generated = decode.max_tokens + draws * sum(limits)
         scored = 0
         if not _proposal_is_base(params, vocab_size=None):
@@ -214,6 +213,12 @@ def _proposal_is_base(params: PowerMCMCParams, vocab_size: int | None) -> bool:
     """Whether q = p: temperature 1 and no truncation (with the vocabulary unknown, only K = 0)."""
     untruncated = params.proposal_top_k == 0 or (vocab_size is not None and params.proposal_top_k >= vocab_size)
     return _proposal_temperature(params) == 1.0 and untruncated
+
+
+def _draws_per_stage(params: PowerMCMCParams) -> int:
+    """The most proposals a chain draws for one stage's steps: one per step, two with look-ahead,
+    whose discarded draws `_look_ahead` keeps within that budget."""
+    return params.mcmc_steps * (1 if params.lookahead == 1 else 2)
 
 
 def _alternatives(model: LanguageModel, params: PowerMCMCParams) -> int:
@@ -325,7 +330,7 @@ class _ChainRun:
                 self.spend.count("discarded")
         while len(window.slots) < min(self.params.lookahead, steps_left):
             window.slots.append(_Slot(self.rng.randrange(length), length))
-        budget = 2 * self.params.mcmc_steps
+        budget = _draws_per_stage(self.params)
         for i, slot in enumerate(window.slots):
             if slot.draw is None and (i == 0 or window.draws + steps_left <= budget):
                 slot.draw, slot.prefix = self._launch(chain, slot.cut, limit), chain.tokens[:slot.cut]
