@@ -1,6 +1,6 @@
 """On-policy routes to the power distribution, on TRL's GRPOTrainer with a PEFT LoRA adapter.
 
-- Self-reward RL (algorithms.md section 3): the reward of a completion is its log-likelihood under
+- Self-reward RL (README, distill): the reward of a completion is its log-likelihood under
   the base model, log p(y|x), and the KL weight against the base model is beta = 1/(alpha - 1),
   whose exact optimum max_pi E_pi[log p] - beta KL(pi || p) is pi ∝ p^alpha. GRPO's estimator departs
   from that objective in two places (its settings are in distill/train.py, `onpolicy_trainer`):
@@ -13,7 +13,7 @@
        which would weigh the KL by beta * G/(G - 1). GRPO is given beta * (G - 1)/G instead, so
        that the two stand in the ratio of the objective. Rewards are not divided by the group's
        standard deviation, which would change the effective beta from step to step.
-- On-policy distillation (algorithms.md section 4): the student samples, the teacher scores each
+- On-policy distillation (README, distill): the student samples, the teacher scores each
   of the student's tokens, and the per-token reward (distill/rewards.py: the log-ratio, or
   PowerOPD's bounded p_T^a - p_S^a) replaces GRPO's advantage at that token. With one gradient
   step per batch GRPO's importance ratio is exactly 1, so its loss is then exactly the REINFORCE

@@ -1,6 +1,6 @@
 """The train stage: a LoRA adapter that decodes like the power distribution, by one of three methods.
 
-- `sft` (default), the offline surrogate of power self-distillation (algorithms.md section 3):
+- `sft` (default), the offline surrogate of power self-distillation (README, distill):
   maximum likelihood of the teacher stage's samples given their prompts, i.e. forward KL to
   pi_alpha, with the loss on completion tokens only. The examples are the exact token ids the
   teacher sampled (no re-tokenising), trained with TRL's SFTTrainer.
@@ -43,7 +43,7 @@ LOGGED = ("loss", "grad_norm", "reward", "kl_to_base", "kl", "token_reward")
 @dataclass(frozen=True)
 class TrainSettings:
     method: str = "sft"
-    # The paper's setup: LoRA r = 16, lora_alpha = 32, 3 epochs (algorithms.md section 3).
+    # The paper's setup: LoRA r = 16, lora_alpha = 32, 3 epochs (README, distill).
     epochs: float = 3.0
     rank: int = 16
     lora_alpha: int = 32
@@ -56,7 +56,7 @@ class TrainSettings:
     generations: int = 4
     power_alpha: float = 4.0
     opd_reward: str = "power"
-    opd_exponent: float = 5.0  # PowerOPD's a, as in its scripts (algorithms.md section 4)
+    opd_exponent: float = 5.0  # PowerOPD's a, as in its scripts (README, distill)
     opd_teacher: str = "power_scalable"  # or power_scalable:{json}, or a model directory
 
     def __post_init__(self) -> None:
@@ -204,7 +204,7 @@ def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, setting
     config = GRPOConfig(
         **common_arguments(checkpoints, settings), num_generations=settings.generations,
         max_completion_length=prompts["max_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-        # Self-reward: beta = 1/(alpha - 1) (algorithms.md section 3), against the base model (the
+        # Self-reward: beta = 1/(alpha - 1) (README, distill), against the base model (the
         # adapter switched off), times (G - 1)/G: the group-mean baseline scales the reward's
         # gradient by that much and not the KL's (distill/onpolicy.py). Distillation: no KL term;
         # the teacher's reward is the whole signal.

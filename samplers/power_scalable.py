@@ -1,4 +1,4 @@
-"""`power_scalable`: autoregressive power sampling with Monte Carlo lookahead (algorithms.md section 2).
+"""`power_scalable`: autoregressive power sampling with Monte Carlo lookahead (README, power_scalable).
 
 Ji, Tutunov, Zimmer & Bou Ammar (arXiv 2601.21590). The power distribution's next-step conditional is
 p(c)^alpha * zeta(c), where zeta(c) = E_{s ~ p}[p(s | c)^(alpha - 1)] is the quality of c's future.
@@ -72,7 +72,7 @@ class PowerScalableParams(BaseModel):
 
 def candidate_probabilities(log_base: np.ndarray, rollout_logp: np.ndarray, alpha: float,
                             jackknife: bool) -> np.ndarray:
-    """The probability of committing each of K candidates (algorithms.md section 2).
+    """The probability of committing each of K candidates (README, power_scalable).
 
     `log_base[..., k]` is the log of candidate k's own weight (alpha * log p(c) at token level) and
     `rollout_logp[..., k, r]` the log p of rollout r after it (0 where nothing is left to roll out,
@@ -111,7 +111,7 @@ class PowerScalableSampler(Sampler):
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams,
                           params: PowerScalableParams) -> int:
         # Per decision: one probe token or L candidate blocks, then M rollouts of at most H tokens
-        # after each of the K candidates (algorithms.md section 2); every decision commits at least
+        # after each of the K candidates (README, power_scalable); every decision commits at least
         # a token, a whole block unless the completion ends.
         total, remaining = 0, decode.max_tokens
         while remaining > 0:
@@ -158,7 +158,7 @@ class PowerScalableSampler(Sampler):
 async def next_token_law(model: LanguageModel, prefix: list[int], remaining: int, params: PowerScalableParams,
                          request_id: str, seed: int | None = None) -> dict[int, float]:
     """power_scalable's token-level estimate of the power distribution's next-token conditional after
-    `prefix`, p(c)^alpha * zeta(c) normalised over its K candidates (algorithms.md section 2), as
+    `prefix`, p(c)^alpha * zeta(c) normalised over its K candidates (README, power_scalable), as
     {token: probability}; every other token has probability 0. `remaining` is what is left of the
     completion's budget, which caps the rollouts. Only the token level (block_size 1) has one."""
     if params.block_size != 1:
