@@ -19,7 +19,6 @@ Writes JSON (schema: benchmarks/schemas/quality.schema.json).
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -102,43 +101,56 @@ def completion_logp(model, prompt_ids: list[int], token_ids: list[int]) -> float
     return logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).sum().item()
 
 
-def evaluate(client, model: str, base_model: Path, problems: list[dict], samplers: dict[str, dict],
-             max_tokens: int, concurrency: int, records_path: Path, settings: dict) -> dict[str, dict]:
-    """Run every sampler on every problem (resuming from records_path); a summary per sampler.
-    A sampler's fields may name another served `model` (a distilled one) than `model`."""
+def ask(client, model: str, problem: dict, index: int, fields: dict, max_tokens: int) -> dict:
+    """One chat answer to `problem` with the request fields `fields` (seed = index), timed; its
+    `model` field, if any, names another served model (a distilled one) than `model`."""
+    fields = dict(fields)
+    start = time.perf_counter()
+    r = client.chat.completions.create(
+        model=fields.pop("model", model), max_tokens=max_tokens, seed=index,
+        messages=[{"role": "user", "content": problem["question"]}],
+        extra_body={**fields, "return_token_ids": True})
+    if r.choices[0].token_ids is None:
+        raise UsageError("the server returned no token ids: it must support `return_token_ids`")
+    text = r.choices[0].message.content
+    return {"index": index, "latency_s": time.perf_counter() - start, "prompt_token_ids": r.prompt_token_ids,
+            "token_ids": r.choices[0].token_ids, "text": text, "correct": is_correct(text or "", problem["answer"]),
+            "sampler_usage": getattr(r, "sampler_usage", None)}
+
+
+def score(records: list[dict], base_model: Path) -> None:
+    """Give every record without one its self-reward `logp`. Run once the server is idle: a forward
+    pass beside a busy engine on a small CPU machine contends for its cores, slows both, and would
+    skew the latencies measured meanwhile."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
+    todo = [r for r in records if "logp" not in r]
+    if not todo:
+        return
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    for record in tqdm(todo, desc="self-reward"):
+        record["logp"] = completion_logp(base, record["prompt_token_ids"], record["token_ids"])
+
+
+def evaluate(client, model: str, base_model: Path, problems: list[dict], samplers: dict[str, dict],
+             max_tokens: int, concurrency: int, records_path: Path, settings: dict) -> dict[str, dict]:
+    """Run every sampler on every problem (resuming from records_path); a summary per sampler."""
+    from tqdm import tqdm
+
     records = [r for r in read_records(records_path) if r["settings"] == settings]
     done = {(r["sampler"], r["index"]) for r in records}
-
-    def answer(name: str, index: int) -> dict:
-        fields = dict(samplers[name])
-        start = time.perf_counter()
-        r = client.chat.completions.create(
-            model=fields.pop("model", model), max_tokens=max_tokens, seed=index,
-            messages=[{"role": "user", "content": problems[index]["question"]}],
-            extra_body={**fields, "return_token_ids": True})
-        return {"sampler": name, "index": index, "settings": settings, "latency_s": time.perf_counter() - start,
-                "prompt_token_ids": r.prompt_token_ids, "token_ids": r.choices[0].token_ids,
-                "text": r.choices[0].message.content, "sampler_usage": getattr(r, "sampler_usage", None)}
-
     with ThreadPoolExecutor(concurrency) as pool, open(records_path, "a") as log:
         for name in samplers:
             todo = [i for i in range(len(problems)) if (name, i) not in done]
-            for record in tqdm(pool.map(functools.partial(answer, name), todo), total=len(todo), desc=name):
-                if record["token_ids"] is None:
-                    raise UsageError("the server returned no token ids: it must support `return_token_ids`")
-                record["correct"] = is_correct(record["text"] or "", problems[record["index"]]["answer"])
+            answers = pool.map(lambda i: ask(client, model, problems[i], i, samplers[name], max_tokens), todo)
+            for record in tqdm(answers, total=len(todo), desc=name):
+                record |= {"sampler": name, "settings": settings}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 records.append(record)
-    # Scored once the server is idle: a forward pass beside a busy engine on a small CPU machine
-    # contends for its cores, slows both, and would skew the latencies measured meanwhile.
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    for record in tqdm([r for r in records if "logp" not in r and r["sampler"] in samplers], desc="self-reward"):
-        record["logp"] = completion_logp(base, record["prompt_token_ids"], record["token_ids"])
+    score([r for r in records if r["sampler"] in samplers], base_model)
     return {name: summarise([r for r in records if r["sampler"] == name and r["index"] < len(problems)])
             for name in samplers}
 

@@ -143,3 +143,57 @@ def test_quality_bad_arguments_get_a_clear_message(live_server, tmp_path, args, 
                 "--prompts", "1", "--output", str(tmp_path / "q.json"), *args, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message.lower() in done.stderr.lower()
+
+
+def test_frontier_interleaves_rounds_keeps_to_its_budget_and_resumes(live_server, tmp_path):
+    output = tmp_path / "frontier.json"
+    args = ["--base-url", live_server.url, "--model", MODEL, "--api-key", API_KEY, "--dataset", "arithmetic",
+            "--questions", "4", "--max-tokens", "6", "--concurrency", "2", "--sampler", "direct",
+            "--sampler", CHEAP_SCALABLE, "--bootstrap", "200", "--output", str(output)]
+    # The first round always runs; a budget of a few milliseconds holds no second one.
+    done = tool("frontier", *args, "--budget-minutes", "0.0001")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Stopping before round 2 of 2" in done.stderr
+    first = output.with_suffix(".jsonl").read_text().splitlines()
+    assert [(json.loads(r)["sampler"], json.loads(r)["index"]) for r in first] == [
+        ("direct", 0), ("direct", 1), (CHEAP_SCALABLE, 0), (CHEAP_SCALABLE, 1)]
+    assert validate(output, "frontier.schema.json")["summary"]["direct"]["questions"] == 2
+
+    # Without a budget the run resumes: only the second round is asked, in the rotated order.
+    done = tool("frontier", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = output.with_suffix(".jsonl").read_text().splitlines()
+    assert records[:4] == first
+    assert [(json.loads(r)["sampler"], json.loads(r)["index"]) for r in records[4:]] == [
+        (CHEAP_SCALABLE, 2), (CHEAP_SCALABLE, 3), ("direct", 2), ("direct", 3)]
+    report = validate(output, "frontier.schema.json")
+    direct, scalable = report["summary"]["direct"], report["summary"][CHEAP_SCALABLE]
+    assert direct["questions"] == scalable["questions"] == 4
+    assert direct["latency_ratio"] == 1 and direct["latency_ratio_ci"] == [1, 1]
+    assert scalable["engine_tokens_per_output_token"] > direct["engine_tokens_per_output_token"] >= 1
+    for s in (direct, scalable):
+        for name in ("self_reward_per_token", "latency_ratio", "engine_tokens_per_output_token", "accuracy"):
+            low, high = s[f"{name}_ci"]
+            assert low <= s[name] <= high
+    assert direct["on_front_latency_ratio"]  # nothing is cheaper
+    assert output.with_suffix(".png").stat().st_size > 0
+    assert "| direct |" in output.with_suffix(".md").read_text()
+
+
+def test_frontier_statistics_on_hand_computed_numbers():
+    from benchmarks.frontier import pareto_front, wilson
+
+    # Wilson at 0 of 8: centre z^2/(2n) / (1 + z^2/n) = 0.1936, half width the same: [0, 0.3244].
+    low, high = wilson(0, 8)
+    assert low == 0 and high == pytest.approx(0.3244, abs=1e-4)
+    # 16 of 32 is symmetric about one half: 0.5 +- 0.1637.
+    assert wilson(16, 32) == pytest.approx((0.3363, 0.6637), abs=1e-4)
+    # (cost, quality): b beats a on both; c is dearer than b and better; d is dearer and worse than c.
+    points = {"a": (2.0, -1.0), "b": (1.0, -0.5), "c": (5.0, -0.3), "d": (6.0, -0.4), "e": (1.0, -0.5)}
+    assert pareto_front(points) == ["b", "c", "e"]
+
+
+def test_frontier_bad_arguments_get_a_clear_message(tmp_path):
+    done = tool("frontier", "--sampler", "direct", "--reference", "nosuch", "--output", str(tmp_path / "f.json"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--reference 'nosuch' is none of the settings" in done.stderr
