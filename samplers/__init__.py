@@ -2,6 +2,7 @@
 
 from samplers.base import (
     ChoiceDelta,
+    ChoiceStream,
     Completion,
     DecodeParams,
     InvalidRequest,
@@ -15,14 +16,16 @@ from samplers.base import (
 from samplers.direct import DirectSampler
 from samplers.power_mcmc import PowerMCMCSampler
 from samplers.power_scalable import PowerScalableSampler
+from samplers.power_smc import PowerSMCSampler
 
 REGISTRY: dict[str, Sampler] = {
-    sampler.name: sampler for sampler in (DirectSampler(), PowerMCMCSampler(), PowerScalableSampler())
+    sampler.name: sampler for sampler in (DirectSampler(), PowerMCMCSampler(), PowerScalableSampler(), PowerSMCSampler())
 }
 
 __all__ = [
     "REGISTRY",
     "ChoiceDelta",
+    "ChoiceStream",
     "Completion",
     "DecodeParams",
     "InvalidRequest",

@@ -83,7 +83,7 @@ class Spend:
     prefilled: int = 0
     scored: int = 0
     events: dict[str, int] = field(default_factory=dict)
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, float | list[float]] = field(default_factory=dict)
     proposal: str | None = None
 
     def count(self, event: str, times: int = 1) -> None:
@@ -124,6 +124,37 @@ class LanguageModel(Protocol):
         Closing or cancelling the iterator aborts the engine request.
         """
         ...
+
+
+class ChoiceStream:
+    """The deltas of one choice whose tokens arrive a piece at a time: the text of each piece is
+    what its tokens add to the whole's, a trailing partial character held back until the bytes that
+    complete it arrive. `logprobs`: whether deltas carry each token's log p."""
+
+    def __init__(self, model: "LanguageModel", index: int, logprobs: bool):
+        self.model = model
+        self.index = index
+        self.logprobs = logprobs
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def delta(self, token_ids: list[int], logprobs: list[float], finish_reason: str | None = None,
+              stop_reason: int | str | None = None) -> ChoiceDelta:
+        self.token_ids += token_ids
+        text = self.model.detokenize(self.token_ids)
+        if finish_reason is None and text.endswith("\ufffd"):
+            new_text = ""
+        else:
+            new_text, self.text = text[len(self.text):], text
+        return ChoiceDelta(
+            index=self.index,
+            token_ids=token_ids,
+            text=new_text,
+            logprobs=[TokenLogprob(t, self.model.detokenize([t]), lp) for t, lp in zip(token_ids, logprobs)]
+            if self.logprobs else None,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
 
 
 class InvalidRequest(ValueError):

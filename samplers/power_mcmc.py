@@ -47,6 +47,7 @@ from samplers.base import (
     check_power_request,
     complete,
 )
+from samplers.one_pass import alternatives_to_read, kept_tokens, rescored_log_q, truncated_log_q
 
 
 class PowerMCMCParams(BaseModel):
@@ -107,25 +108,6 @@ def log_acceptance(alpha: float, current: Segment, proposal: Segment, m: int) ->
     )
 
 
-def truncated_log_q(logp: float, alternatives: list[float], k: int, exponent: float,
-                    vocab_size: int) -> float | None:
-    """log q of a token drawn with probability proportional to p^exponent among the k most likely
-    tokens at its position (README, power_mcmc, "the one-pass proposal"), from its own log p and
-    the log p of the most likely tokens there (`alternatives`, highest first, at least k of them).
-
-    exponent * log p(y) - logsumexp over the kept tokens v of exponent * log p(v). vLLM keeps every
-    token whose logit reaches the k-th largest, so a tie at the k-th value keeps more than k; the
-    kept set is known once an alternative falls below that value (or all the vocabulary is there).
-    None when it is not: every alternative reported ties with the k-th.
-    """
-    kth = alternatives[k - 1]
-    if len(alternatives) < vocab_size and alternatives[-1] >= kth:
-        return None
-    kept = [exponent * value for value in alternatives if value >= kth]
-    top = max(kept)
-    return exponent * logp - top - math.log(sum(math.exp(value - top) for value in kept))
-
-
 class PowerMCMCSampler(Sampler):
     name = "power_mcmc"
     Params = PowerMCMCParams
@@ -146,7 +128,7 @@ class PowerMCMCSampler(Sampler):
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerMCMCParams) -> None:
         check_power_request(self.name, decode, "power_mcmc truncates its proposal with proposal_top_k.")
         path = proposal_path(model, params)
-        kept = _kept(params, model.vocab_size)
+        kept = kept_tokens(params.proposal_top_k, model.vocab_size)
         # The pass must report more than K alternatives, or the whole vocabulary.
         if path == "one_pass" and kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
             raise InvalidRequest(
@@ -204,11 +186,6 @@ def _proposal_temperature(params: PowerMCMCParams) -> float:
     return params.proposal_temperature or 1.0 / params.power_alpha
 
 
-def _kept(params: PowerMCMCParams, vocab_size: int) -> int:
-    """The proposal's K, the whole vocabulary when untruncated."""
-    return vocab_size if params.proposal_top_k == 0 else min(params.proposal_top_k, vocab_size)
-
-
 def _proposal_is_base(params: PowerMCMCParams, vocab_size: int | None) -> bool:
     """Whether q = p: temperature 1 and no truncation (with the vocabulary unknown, only K = 0)."""
     untruncated = params.proposal_top_k == 0 or (vocab_size is not None and params.proposal_top_k >= vocab_size)
@@ -219,15 +196,6 @@ def _draws_per_stage(params: PowerMCMCParams) -> int:
     """The most proposals a chain draws for one stage's steps: one per step, two with look-ahead,
     whose discarded draws `_look_ahead` keeps within that budget."""
     return params.mcmc_steps * (1 if params.lookahead == 1 else 2)
-
-
-def _alternatives(model: LanguageModel, params: PowerMCMCParams) -> int:
-    """Alternatives read per position on the one-pass path: twice K as the engine allows, so that
-    a tie at the K-th value is almost always seen to its end (`truncated_log_q`); as many as it
-    allows where a wider tie cannot be rescored (bf16 logits tied past 2K = 32 alternatives once
-    in 160 proposals of the README's benchmark)."""
-    wanted = 2 * _kept(params, model.vocab_size) if model.can_score else model.vocab_size
-    return min(wanted, model.vocab_size, model.max_logprobs)
 
 
 @dataclass
@@ -272,7 +240,7 @@ class _ChainRun:
         self.spend = spend
         self.rng = random.Random(decode.seed)
         self.path = spend.proposal = proposal_path(model, params)
-        self.kept = _kept(params, model.vocab_size)
+        self.kept = kept_tokens(params.proposal_top_k, model.vocab_size)
         self.proposals = 0
 
     async def run(self) -> list[Segment]:
@@ -347,7 +315,7 @@ class _ChainRun:
             seed=None if self.decode.seed is None else self.rng.randrange(2**31),
             stop_token_ids=self.decode.stop_token_ids,
             ignore_eos=self.decode.ignore_eos,
-            logprobs=_alternatives(self.model, self.params) if self.path == "one_pass" else 0,
+            logprobs=alternatives_to_read(self.model, self.kept) if self.path == "one_pass" else 0,
         )
         prefix = self.prompt + chain.tokens[:m]
         return asyncio.create_task(self._propose(prefix, params, f"{self.request_id}-p{self.proposals}"))
@@ -366,28 +334,11 @@ class _ChainRun:
             logp = draw.logprobs
             logq = self._log_q(logp, draw.alternatives)
             if None in logq:
-                logq = await self._log_q_rescored(prefix, tokens, request_id)
+                logq = await rescored_log_q(self.model, prefix, tokens, self.kept,
+                                            1.0 / _proposal_temperature(self.params), request_id, self.spend)
         return Segment(tokens, logp, logq, ended=draw.ended, stop_reason=draw.stop_reason)
 
     def _log_q(self, logp: list[float], alternatives: list[list[float]]) -> list[float | None]:
         exponent = 1.0 / _proposal_temperature(self.params)
         return [truncated_log_q(lp, alts, self.kept, exponent, self.model.vocab_size)
                 for lp, alts in zip(logp, alternatives)]
-
-    async def _log_q_rescored(self, prefix: list[int], tokens: list[int], request_id: str) -> list[float]:
-        """log q of a one-pass proposal where a tie ran past the alternatives the pass reported:
-        score it with as many alternatives as the engine allows."""
-        self.spend.count("ties_rescored")
-        if not self.model.can_score:
-            raise InvalidRequest(
-                f"A tie among more than {_alternatives(self.model, self.params)} tokens at a proposal's "
-                "top-k cut needs scoring, which this engine cannot do while it serves distilled models; "
-                "choose another proposal_top_k.", param="proposal_top_k")
-        count = min(self.model.max_logprobs, self.model.vocab_size)
-        scored = await self.model.score(prefix + tokens, len(prefix), f"{request_id}-ties", self.spend, count)
-        logq = self._log_q([t.logprob for t in scored], [[a.logprob for a in t.top] for t in scored])
-        if None in logq:
-            raise InvalidRequest(f"A tie among more than {count} tokens at a proposal's top-k cut: its "
-                                 "density cannot be computed; choose another proposal_top_k.",
-                                 param="proposal_top_k")
-        return logq

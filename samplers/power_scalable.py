@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from samplers.base import (
     ChoiceDelta,
+    ChoiceStream,
     Completion,
     DecodeParams,
     InvalidRequest,
@@ -191,24 +192,22 @@ class _Choice:
         self.params = params
         self.request_id = request_id
         self.spend = spend
-        self.index = index
         self.rng = rng
-        self.token_ids: list[int] = []
-        self.text = ""
+        self.stream = ChoiceStream(model, index, decode.logprobs is not None)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         for step in range(self.decode.max_tokens):
-            candidates, probabilities = await self.decide(self.decode.max_tokens - len(self.token_ids),
+            candidates, probabilities = await self.decide(self.decode.max_tokens - len(self.stream.token_ids),
                                                           f"{self.request_id}-{step}")
             chosen = self.rng.choices(candidates, weights=probabilities.tolist())[0].draw
             self.spend.count("decisions")
             yield self._commit(chosen)
-            if chosen.ended or len(self.token_ids) == self.decode.max_tokens:
+            if chosen.ended or len(self.stream.token_ids) == self.decode.max_tokens:
                 return
 
     async def decide(self, remaining: int, request_id: str) -> tuple[list[_Candidate], np.ndarray]:
         """The candidates for the next token or block, and the probability of committing each."""
-        prefix = self.prompt + self.token_ids
+        prefix = self.prompt + self.stream.token_ids
         if self.params.block_size == 1:
             candidates = await self._top_tokens(prefix, request_id)
         else:
@@ -278,22 +277,6 @@ class _Choice:
         return None if self.decode.seed is None else self.rng.randrange(2**31)
 
     def _commit(self, chosen: Completion) -> ChoiceDelta:
-        self.token_ids += chosen.token_ids
-        finished = chosen.ended or len(self.token_ids) == self.decode.max_tokens
-        text = self.model.detokenize(self.token_ids)
-        # Hold back a trailing partial character until the bytes that complete it arrive.
-        if not finished and text.endswith("\ufffd"):
-            new_text = ""
-        else:
-            new_text, self.text = text[len(self.text):], text
-        return ChoiceDelta(
-            index=self.index,
-            token_ids=chosen.token_ids,
-            text=new_text,
-            logprobs=None if self.decode.logprobs is None else [
-                TokenLogprob(t, self.model.detokenize([t]), lp)
-                for t, lp in zip(chosen.token_ids, chosen.logprobs)
-            ],
-            finish_reason=("stop" if chosen.ended else "length") if finished else None,
-            stop_reason=chosen.stop_reason,
-        )
+        finished = chosen.ended or len(self.stream.token_ids) + len(chosen.token_ids) == self.decode.max_tokens
+        return self.stream.delta(chosen.token_ids, chosen.logprobs,
+                                 ("stop" if chosen.ended else "length") if finished else None, chosen.stop_reason)

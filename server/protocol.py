@@ -142,7 +142,7 @@ class SamplerUsage(BaseModel):
     engine_tokens_prefilled: int
     engine_tokens_scored: int
     events: dict[str, int] = {}
-    details: dict[str, float] = {}
+    details: dict[str, float | list[float]] = {}
     proposal: str | None = None  # power_mcmc: how its proposal densities were obtained
 
 

@@ -18,7 +18,8 @@ from collections import Counter
 import pytest
 
 from samplers import DecodeParams, Spend
-from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler, truncated_log_q
+from samplers.one_pass import truncated_log_q
+from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
 from tests import tiny_models as tm
 
 ALPHA = 4.0

@@ -167,6 +167,54 @@ def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
     return dict(zip(states, law))
 
 
+def smc_distribution(table: dict, max_tokens: int, alpha: float, particles: int, ess_threshold: float,
+                     reps: int, seed: int = 0) -> tuple[dict, float]:
+    """The law of a power_smc completion (untruncated proposal, a check after every token,
+    systematic resampling), simulated on the exact table, and a bound on its Monte Carlo error.
+
+    `reps` independent runs, synchronous token by token (the sampler's particles run ahead of its
+    checks, which leaves the law unchanged); each run adds its particles' final normalised weights,
+    the law of its weighted draw. One run moves the average by at most 1/reps in total variation,
+    so noise_bound's McDiarmid bound (failure probability 1e-4) holds for it.
+    """
+    rng = np.random.default_rng(seed)
+    others = [t for t in VOCAB.values() if t != EOS]
+    tokens = np.full((reps, particles, max_tokens), -1, dtype=np.int8)
+    ended = np.zeros((reps, particles), dtype=bool)
+    log_w = np.zeros((reps, particles))
+    for t in range(max_tokens):
+        live = ~ended
+        for prefix in itertools.product(others, repeat=t):
+            here = live & np.all(tokens[:, :, :t] == np.array(prefix, dtype=np.int8), axis=-1)
+            if not here.any():
+                continue
+            row = alpha * table[prefix]
+            log_z = np.logaddexp.reduce(row)
+            drawn = rng.choice(len(row), size=int(here.sum()), p=np.exp(row - log_z))
+            tokens[here, t] = drawn
+            ended[here] = drawn == EOS
+            log_w[here] += log_z  # the incremental weight Z_t of the README's power_smc
+        if t + 1 == max_tokens:
+            break
+        w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        resample = (1 / (w ** 2).sum(axis=1) / particles < ess_threshold) & ~ended.all(axis=1)
+        points = np.arange(particles) + rng.random((int(resample.sum()), 1))
+        edges = np.cumsum(w[resample] * particles, axis=1)
+        edges[:, -1] = particles
+        parents = (edges[:, None, :] <= points[:, :, None]).sum(axis=-1)
+        tokens[resample] = np.take_along_axis(tokens[resample], parents[:, :, None], axis=1)
+        ended[resample] = np.take_along_axis(ended[resample], parents, axis=1)
+        log_w[resample] = 0.0
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    codes = {y: sum((token + 1) * 4 ** i for i, token in enumerate(y)) for y in completions(max_tokens)}
+    particle_codes = ((tokens.astype(np.int64) + 1) * 4 ** np.arange(max_tokens)).sum(axis=-1)
+    mass = np.bincount(particle_codes.ravel(), weights=w.ravel(), minlength=4 ** (max_tokens + 1)) / reps
+    law = {y: float(mass[code]) for y, code in codes.items()}
+    return law, noise_bound(law, reps, 1e-4)
+
+
 class TinyEngine(BlockingModel):
     """A real vLLM engine on a tiny model, with an event loop of its own, that draws completions."""
 
