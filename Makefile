@@ -70,10 +70,8 @@ bench: install
 	$(PY) -m benchmarks.power_sampling lookahead
 	$(PY) -m benchmarks.power_sampling --output benchmarks/results/power_sampling_lookahead_x8.json lookahead \
 		--concurrency 8 --depths 1 10 --rounds 1
-	$(PY) -m benchmarks.power_sampling selfreward
-	$(PY) -m benchmarks.quality --dataset gsm8k --prompts 8 --max-tokens 128 --concurrency 8 --sampler direct \
-		--sampler 'power_mcmc:{"power_alpha": 4, "mcmc_steps": 10}' \
-		--output benchmarks/results/power_mcmc_selfreward_lookahead.json
+	$(PY) -m benchmarks.power_sampling smc
+	$(PY) -m benchmarks.frontier
 	$(PY) -m benchmarks.overload
 	$(PY) -m distill teacher --workdir runs/distill-gsm8k --limit 256 $(DISTILL_BENCH)
 	$(PY) -m distill train --workdir runs/distill-gsm8k

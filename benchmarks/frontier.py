@@ -53,6 +53,8 @@ SETTINGS = {
     "power_scalable (defaults: blocks of 16, K=M=8, H=32)": {"sampler": "power_scalable", "power_alpha": ALPHA},
     "power_scalable (K=M=4, H=16)": {
         "sampler": "power_scalable", "power_alpha": ALPHA, "candidates": 4, "rollouts": 4, "rollout_horizon": 16},
+    "power_smc (defaults: 16 particles)": {"sampler": "power_smc", "power_alpha": ALPHA},
+    "power_smc (4 particles)": {"sampler": "power_smc", "power_alpha": ALPHA, "particles": 4},
 }
 
 

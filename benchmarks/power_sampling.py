@@ -1,12 +1,14 @@
-"""`python -m benchmarks.power_sampling {fidelity,latency,proposal,lookahead,selfreward}`: how exact, how fast and how
-good the power samplers are, each measured side by side in one run.
+"""`python -m benchmarks.power_sampling {fidelity,latency,proposal,lookahead,smc}`: how exact and how
+fast the power samplers are, each measured side by side in one run (how good they are on real
+questions: benchmarks/frontier.py).
 
 fidelity: on the tiny enumerable Llama of the tests, total variation between independent
   completions and the exact p^alpha. power_mcmc against MCMC steps, for proposal temperature
   1/alpha (the paper's) and 1, beside the exact law of the chain after that many steps;
   power_scalable (token level, every token a candidate) against rollouts M with and without the
-  jackknife, beside the algorithm's own law at that M. Both against engine tokens per completion.
-  Writes power_sampling_fidelity.json and .png.
+  jackknife, beside the algorithm's own law at that M; power_smc against particles N, beside its
+  simulated law at that N. All against engine tokens per completion. Writes
+  power_sampling_fidelity.json and .png.
 latency: on the embedded SmolLM2 through our server, wall-clock of each power configuration
   against direct at the same max_tokens, 1 and 8 concurrent requests, beside the engine-token
   multiplier. Writes power_sampling_latency.json.
@@ -19,11 +21,9 @@ lookahead: power_mcmc's one-pass proposal at look-ahead depths 1 (none), 4 and 1
   stage's steps) beside direct, on one server, in alternating rounds: wall-clock ratio, acceptance
   rate, discarded draws per proposal used, engine tokens per output token. Writes
   power_sampling_lookahead.json.
-selfreward: the quality harness (benchmarks/quality.py) on GSM8K test prompts with the embedded
-  SmolLM2: mean base-model log p per token and per completion, answer accuracy and latency of
-  direct sampling, temperature 1/alpha, power_mcmc and power_scalable configurations, one sampler
-  after another, and each power_scalable configuration's latency over power_mcmc's. Resumable
-  through power_sampling_selfreward.jsonl. Writes power_sampling_selfreward.json.
+smc: power_smc at 4 and 16 particles beside direct, on one server, in alternating rounds, at 64
+  and 128 tokens, 1 and 8 requests at once: wall-clock ratio, engine tokens per output token,
+  resamplings. Writes power_sampling_smc.json.
 """
 
 import argparse
@@ -62,6 +62,7 @@ def fidelity(args: argparse.Namespace) -> dict:
     from samplers import DecodeParams
     from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
     from samplers.power_scalable import PowerScalableParams, PowerScalableSampler
+    from samplers.power_smc import PowerSMCParams, PowerSMCSampler
     from tests import tiny_models as tm
 
     max_tokens = 3
@@ -106,6 +107,16 @@ def fidelity(args: argparse.Namespace) -> dict:
                 logger.info("power_scalable M=%d jackknife=%s: TV %.3f (its law %.3f), %.1f engine tokens",
                             rollouts, jackknife, tv, exact, tokens)
             curves[f"power_scalable, token level, {'with' if jackknife else 'no'} jackknife"] = points
+        points = []
+        for particles in args.particles:
+            tv, tokens = empirical(PowerSMCSampler(), PowerSMCParams(power_alpha=ALPHA, particles=particles,
+                                                                     proposal_top_k=0))
+            law, _ = tm.smc_distribution(table, max_tokens, ALPHA, particles, 0.5, args.reference_reps)
+            points.append({"particles": particles, "tv": tv, "exact_law_tv": tm.total_variation(law, target),
+                           "engine_tokens_per_completion": tokens})
+            logger.info("power_smc N=%d: TV %.3f (its law %.3f), %.1f engine tokens", particles, tv,
+                        points[-1]["exact_law_tv"], tokens)
+        curves["power_smc, untruncated"] = points
     finally:
         engine.close()
     reference = {
@@ -128,7 +139,7 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = ("tab:orange", "tab:blue", "tab:olive", "tab:cyan")
+    colours = ("tab:orange", "tab:blue", "tab:olive", "tab:cyan", "tab:brown")
     for (label, points), colour in zip(report["curves"].items(), colours):
         tokens = [p["engine_tokens_per_completion"] for p in points]
         ax.plot(tokens, [p["tv"] for p in points], "o-", color=colour, label=f"{label} (vLLM, measured)")
@@ -228,52 +239,64 @@ def proposal(args: argparse.Namespace) -> dict:
             "rows": rows}
 
 
+def alternating_rounds(client, prompt: str, max_tokens: int, concurrency: int, rounds: int,
+                       configs: dict[str, dict]) -> dict:
+    """Direct, then each configuration, `rounds` times over on one server, so that drift favours
+    none: every run with its ratio to the direct run of its round, and the medians over rounds."""
+    runs: dict[str, list[dict]] = {}
+    for round_number in range(rounds):
+        direct = timed_batch(client, prompt, max_tokens, {}, concurrency)
+        runs.setdefault("direct", []).append(direct)
+        for label, body in configs.items():
+            row = timed_batch(client, prompt, max_tokens, body, concurrency)
+            row["wall_clock_ratio_to_direct"] = row["wall_s"] / direct["wall_s"]
+            if "proposals" in row["events"]:  # power_mcmc
+                row["acceptance_rate"] = row["details"]["acceptance_rate"]
+                row["discarded_per_proposal"] = row["events"].get("discarded", 0) / row["events"]["proposals"]
+            if "particles" in row["events"]:  # power_smc
+                row["resamplings_per_output_token"] = row["events"].get("resamplings", 0) / max_tokens
+            runs.setdefault(label, []).append(row)
+            logger.info("%d tokens x%d, round %d, %s: %.1f s, %.1fx direct (%.1f s), engine tokens per output "
+                        "token %.1f", max_tokens, concurrency, round_number + 1, label, row["wall_s"],
+                        row["wall_clock_ratio_to_direct"], direct["wall_s"], row["engine_token_multiplier_with_prefills"])
+    summary = {name: {key: statistics.median(r[key] for r in rows) for key, value in rows[0].items()
+                      if isinstance(value, (int, float))} for name, rows in runs.items()}
+    return {"summary": summary, "runs": runs}
+
+
 def lookahead(args: argparse.Namespace) -> dict:
-    """power_mcmc's one-pass proposal at each look-ahead depth beside direct, on one server, in
-    alternating rounds (direct, then each depth) so that drift favours none; the medians over
-    rounds of each one's ratio to the direct run of its round."""
+    """power_mcmc's one-pass proposal at each look-ahead depth beside direct, on one server."""
     from openai import OpenAI
 
     from benchmarks.vs_vllm import UNGATED, free_port
 
     mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16)}
-    runs: dict[str, list[dict]] = {}
+    configs = {f"lookahead {depth}": {**mcmc, "lookahead": depth} for depth in args.depths}
     with embedded_server("smollm2", free_port(), UNGATED, log=RESULTS / "lookahead-server.log") as base_url:
         client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
         timed_batch(client, args.prompt, args.max_tokens, {}, 1)  # warm-up
-        for round_number in range(args.rounds):
-            direct = timed_batch(client, args.prompt, args.max_tokens, {}, args.concurrency)
-            runs.setdefault("direct", []).append(direct)
-            for depth in args.depths:
-                row = timed_batch(client, args.prompt, args.max_tokens, {**mcmc, "lookahead": depth}, args.concurrency)
-                row["wall_clock_ratio_to_direct"] = row["wall_s"] / direct["wall_s"]
-                row["acceptance_rate"] = row["details"]["acceptance_rate"]
-                row["discarded_per_proposal"] = row["events"].get("discarded", 0) / row["events"]["proposals"]
-                runs.setdefault(f"lookahead {depth}", []).append(row)
-                logger.info("round %d, lookahead %d: %.1f s, %.1fx direct (%.1f s); acceptance %.2f, discarded per "
-                            "proposal %.2f, engine tokens per output token %.1f", round_number + 1, depth,
-                            row["wall_s"], row["wall_clock_ratio_to_direct"], direct["wall_s"],
-                            row["acceptance_rate"], row["discarded_per_proposal"],
-                            row["engine_token_multiplier_with_prefills"])
-    summary = {name: {key: statistics.median(r[key] for r in rows) for key in (
-        "wall_s", "wall_clock_ratio_to_direct", "acceptance_rate", "discarded_per_proposal",
-        "engine_token_multiplier_with_prefills", "generated_token_multiplier") if key in rows[0]}
-        for name, rows in runs.items()}
+        rounds = alternating_rounds(client, args.prompt, args.max_tokens, args.concurrency, args.rounds, configs)
     return {"max_tokens": args.max_tokens, "prompt": args.prompt, "concurrency": args.concurrency,
-            "power_mcmc": mcmc, "summary": summary, "runs": runs}
+            "power_mcmc": mcmc, **rounds}
 
 
-def selfreward(args: argparse.Namespace) -> dict:
-    from benchmarks import quality
+def smc(args: argparse.Namespace) -> dict:
+    """power_smc at each particle count beside direct, on one server, at each length and concurrency."""
+    from openai import OpenAI
 
-    mcmc_label = "power_mcmc (16 blocks, 10 steps)"
-    samplers = {"direct": {}, "temperature 1/alpha": {"temperature": 1 / ALPHA}, mcmc_label: MCMC, **SCALABLE}
-    report = quality.run(None, "smollm2", None, None, "gsm8k", args.prompts, samplers,
-                         args.max_tokens, args.concurrency, RESULTS / "power_sampling_selfreward.json")
-    summary = report["summary"]
-    for name in SCALABLE:
-        summary[name]["latency_ratio_to_power_mcmc"] = summary[name]["median_latency_s"] / summary[mcmc_label]["median_latency_s"]
-    return report
+    from benchmarks.vs_vllm import UNGATED, free_port
+
+    configs = {f"power_smc ({n} particles)": {"sampler": "power_smc", "power_alpha": ALPHA, "particles": n}
+               for n in args.particles}
+    points = {}
+    with embedded_server("smollm2", free_port(), UNGATED, log=RESULTS / "smc-server.log") as base_url:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=7200)
+        timed_batch(client, args.prompt, max(args.max_tokens), {}, 1)  # warm-up
+        for max_tokens in args.max_tokens:
+            for concurrency in args.concurrency:
+                points[f"{max_tokens} tokens x{concurrency}"] = alternating_rounds(
+                    client, args.prompt, max_tokens, concurrency, args.rounds, configs)
+    return {"prompt": args.prompt, "configs": configs, "points": points}
 
 
 def main() -> None:
@@ -286,8 +309,9 @@ def main() -> None:
     fid.add_argument("--samples", type=int, default=1024, help="independent completions per point (multiple of 64)")
     fid.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32], help="power_mcmc steps")
     fid.add_argument("--rollouts", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="power_scalable M")
+    fid.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16, 64], help="power_smc N")
     fid.add_argument("--reference-reps", type=int, default=100_000,
-                     help="Monte Carlo repetitions behind power_scalable's exact law")
+                     help="Monte Carlo repetitions behind power_scalable's and power_smc's laws")
     lat = commands.add_parser("latency")
     lat.add_argument("--max-tokens", type=int, default=64)
     lat.add_argument("--prompt", default="Question: what is 12 times 7? Answer step by step.")
@@ -304,14 +328,16 @@ def main() -> None:
     ahead.add_argument("--concurrency", type=int, default=1, help="requests at once")
     ahead.add_argument("--depths", type=int, nargs="+", default=[1, 4, 10], help="power_mcmc lookahead values")
     ahead.add_argument("--rounds", type=int, default=2)
-    reward = commands.add_parser("selfreward")
-    reward.add_argument("--prompts", type=int, default=8, help="the first N GSM8K test questions")
-    reward.add_argument("--max-tokens", type=int, default=128)
-    reward.add_argument("--concurrency", type=int, default=8)
+    particles = commands.add_parser("smc")
+    particles.add_argument("--max-tokens", type=int, nargs="+", default=[64, 128])
+    particles.add_argument("--prompt", default="Question: what is 12 times 7? Answer step by step.")
+    particles.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="requests at once")
+    particles.add_argument("--particles", type=int, nargs="+", default=[4, 16], help="power_smc particle counts")
+    particles.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     run = {"fidelity": fidelity, "latency": latency, "proposal": proposal, "lookahead": lookahead,
-           "selfreward": selfreward}[args.command]
+           "smc": smc}[args.command]
     report = {**header("benchmarks.power_sampling", sys.argv[1:]), **run(args)}
     path = args.output or RESULTS / f"power_sampling_{args.command}.json"
     path.write_text(json.dumps(report, indent=2))

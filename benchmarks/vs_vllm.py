@@ -91,7 +91,7 @@ def header(module: str, argv: list[str]) -> dict:
 # Benchmarks measure what the engine does with the load they send, so the server's admission gates
 # (4 power requests at a time by default) and its 20-minute deadline must not reshape it.
 UNGATED = ("--max-concurrent", "power_mcmc=64", "--max-concurrent", "power_scalable=64",
-           "--request-timeout", "3600")
+           "--max-concurrent", "power_smc=64", "--request-timeout", "3600")
 
 
 @contextlib.contextmanager
