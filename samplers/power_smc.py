@@ -204,6 +204,7 @@ class _Population:
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         particles = [self._start(_Particle(self._line())) for _ in range(self.params.particles)]
         self.spend.count("particles", len(particles))
+        self.spend.count("resamplings", 0)  # a run that never resamples still shows 0 on dashboards
         try:
             while True:
                 check = min(self.checked + self.params.resample_every, self.decode.max_tokens)

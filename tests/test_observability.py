@@ -23,12 +23,14 @@ PROMETHEUS_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 COMPOSE_TARGET = "server:8000"  # the server as docker-compose.yml names it
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 # The power samplers made cheap: power_mcmc one block of 8 tokens and two Metropolis-Hastings
-# steps, power_scalable two blocks of 4 with two candidates and two short rollouts each.
+# steps, power_scalable two blocks of 4 with two candidates and two short rollouts each, power_smc
+# two particles.
 SAMPLERS = {"direct": {}, "power_mcmc": {"mcmc_steps": 2, "block_size": 8},
-            "power_scalable": {"block_size": 4, "candidates": 2, "rollouts": 2, "rollout_horizon": 4}}
+            "power_scalable": {"block_size": 4, "candidates": 2, "rollouts": 2, "rollout_horizon": 4},
+            "power_smc": {"particles": 2}}
 # Panels on one sampler's own events show only that sampler.
 EVENT_OWNERS = {"accepted": "power_mcmc", "proposals": "power_mcmc", "rollouts": "power_scalable",
-                "decisions": "power_scalable"}
+                "decisions": "power_scalable", "resamplings": "power_smc", "particles": "power_smc"}
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
