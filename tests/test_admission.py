@@ -21,19 +21,20 @@ from tests.test_metrics_and_cancel import assert_idle_soon, running, scrape, wai
 
 COST_CAP = 20000
 MAX_REQUEST_TIMEOUT_S = 120
-# q = p (proposal temperature 1, untruncated), so a holder is never scored and costs little of the cap.
+# q = p (proposal temperature 1, untruncated), so a holder is never scored, and one step at a time
+# (lookahead 1), so that its bound counts one draw per step: 960 tokens cost at most 17,280 of the cap.
 HOLD = {"sampler": "power_mcmc", "mcmc_steps": 2, "proposal_temperature": 1.0, "proposal_top_k": 0,
-        "ignore_eos": True}
+        "lookahead": 1, "ignore_eos": True}
 HOLD_PROMPT = "Once upon a time"
 # Its first pass alone decodes max_tokens tokens one after another; the scenarios last a few seconds.
 HOLD_S = 20
-MAX_HOLD_TOKENS = 448  # within the server's context of 512 and the cost cap
+MAX_HOLD_TOKENS = 960  # within the server's context of 1024 and the cost cap
 
 
 @pytest.fixture(scope="module")
 def guarded(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("guarded") / "server.log"
-    flags = ("--max-model-len", "512", "--max-concurrent", "power_mcmc=1", "--max-queued", "power_mcmc=1",
+    flags = ("--max-model-len", "1024", "--max-concurrent", "power_mcmc=1", "--max-queued", "power_mcmc=1",
              "--max-request-cost", str(COST_CAP), "--max-request-timeout", str(MAX_REQUEST_TIMEOUT_S))
     with running_server(model_dir, log, *flags) as (server, _):
         yield server
@@ -124,6 +125,7 @@ def test_cost_cap_refuses_with_the_reason_and_bounds_the_real_spend(guarded):
         ({"sampler": "power_scalable", "block_size": 3, "candidates": 2, "rollouts": 2,
           "rollout_horizon": 4, "jackknife": False}, 10),
         ({"sampler": "power_scalable", "block_size": 1, "candidates": 3, "rollouts": 2, "rollout_horizon": 3}, 5),
+        ({"sampler": "power_smc", "particles": 4, "ess_threshold": 1.0}, 12),
     ]
     for fields, max_tokens in cases:
         r = client.completions.create(model=MODEL, prompt="Count: 1 2 3", max_tokens=max_tokens, n=2,
