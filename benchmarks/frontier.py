@@ -223,9 +223,8 @@ def run(args: argparse.Namespace, settings: dict[str, dict]) -> dict:
     from benchmarks.vs_vllm import embedded_server
     from server import embedded_model
 
-    count = args.questions or (len(quality.GSM8K.read_text().splitlines()) if args.budget_minutes
-                               and args.dataset == "gsm8k" else DEFAULT_QUESTIONS)
-    problems = quality.DATASETS[args.dataset](count)
+    # With a budget and no --questions, as many as the budget holds: all of GSM8K's 1319 test questions.
+    problems = quality.DATASETS[args.dataset](args.questions or (2000 if args.budget_minutes else DEFAULT_QUESTIONS))
     run_settings = {"dataset": args.dataset, "max_tokens": args.max_tokens, "model": args.model,
                     "concurrency": args.concurrency}
     base_url = args.base_url
