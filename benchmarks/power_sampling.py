@@ -65,8 +65,8 @@ def fidelity(args: argparse.Namespace) -> dict:
     from samplers.power_smc import PowerSMCParams, PowerSMCSampler
     from tests import tiny_models as tm
 
-    max_tokens = 3
-    directory = tm.build(Path(tempfile.mkdtemp()), seed=0, sharpness=12.0, eos_bias=1.0)
+    max_tokens = tm.MAX_TOKENS
+    directory = tm.build(Path(tempfile.mkdtemp()), tm.SEED, tm.SHARPNESS, tm.EOS_TILT)  # the tests' model
     table = tm.next_token_logprobs(directory, tm.PROMPT, max_tokens)
     target = tm.power_distribution(table, max_tokens, ALPHA)
     engine = tm.TinyEngine(directory)

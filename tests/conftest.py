@@ -153,3 +153,22 @@ def assert_base_logprobs(model_dir: Path, choices, tolerance: float = 2e-3, temp
             # alternative there, its best is the model's most likely token.
             if choice.logprobs.top_logprobs and len(choice.logprobs.top_logprobs[i]) > 1:
                 assert max(choice.logprobs.top_logprobs[i].values()) == pytest.approx(row.max().item(), abs=tolerance)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    """The exactness tests' tiny random Llama (tests/tiny_models.py) and its exact next-token table."""
+    from tests import tiny_models as tm
+
+    directory = tm.build(tmp_path_factory.mktemp("tiny"), tm.SEED, tm.SHARPNESS, tm.EOS_TILT)
+    return directory, tm.next_token_logprobs(directory, tm.PROMPT, tm.MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny):
+    """A real vLLM engine on the tiny Llama, for one test module."""
+    from tests import tiny_models as tm
+
+    engine = tm.TinyEngine(tiny[0])
+    yield engine
+    engine.close()

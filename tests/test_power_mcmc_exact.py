@@ -23,35 +23,19 @@ from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
 from tests import tiny_models as tm
 
 ALPHA = 4.0
-MAX_TOKENS = 3
+MAX_TOKENS = tm.MAX_TOKENS
 STEPS = 30
 CHAINS = 1024
-# A chosen model: p, temperature 1/alpha and the chain without the length term are all far from
-# p^alpha (TV 0.39, 0.45 and 0.22), while EOS holds half its mass.
-SEED, SHARPNESS, EOS_TILT = 0, 12.0, 1.0
 FAILURE_PROBABILITY = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    directory = tm.build(tmp_path_factory.mktemp("tiny"), SEED, SHARPNESS, EOS_TILT)
-    return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def drawer(tiny):
-    drawer = tm.TinyEngine(tiny[0])
-    yield drawer
-    drawer.close()
-
-
-def run_chains(drawer, table: dict, chains: int = CHAINS, **fields) -> tuple[dict, Spend]:
+def run_chains(engine, table: dict, chains: int = CHAINS, **fields) -> tuple[dict, Spend]:
     """`chains` chains of one block with the given sampler fields: the empirical law of their
     completions, and one request's spend. Each final state's stored log p, which came from the
     proposal that drew it, is checked against the model's: a suffix used after a prefix other than
     the one it was drawn after would show there."""
     params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS, **fields)
-    results = drawer.draw(PowerMCMCSampler(), chains, DecodeParams(max_tokens=MAX_TOKENS, logprobs=0), params)
+    results = engine.draw(PowerMCMCSampler(), chains, DecodeParams(max_tokens=MAX_TOKENS, logprobs=0), params)
     for deltas, _ in results:
         for delta in deltas:
             for t, entry in enumerate(delta.logprobs):
@@ -73,10 +57,10 @@ def assert_matches(empirical: dict, target: dict, chain_law: dict, wrong_laws: l
         assert tm.total_variation(empirical, wrong) > bound
 
 
-def test_chain_matches_exact_power_distribution(drawer, tiny):
+def test_chain_matches_exact_power_distribution(tiny_engine, tiny):
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
-    empirical, spend = run_chains(drawer, table, proposal_temperature=1.0, proposal_top_k=0)
+    empirical, spend = run_chains(tiny_engine, table, proposal_temperature=1.0, proposal_top_k=0)
     assert_matches(empirical, target, tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS), [
         tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, length_term=False),
         tm.tempered_distribution(table, MAX_TOKENS, 1.0),
@@ -97,17 +81,17 @@ CUT_CHAINS = 512  # the two targets are far apart: half the chains tell them apa
 
 @pytest.fixture(scope="module")
 def cut_model(tmp_path_factory):
-    directory = tm.build(tmp_path_factory.mktemp("cut"), CUT_SEED, CUT_SHARPNESS, EOS_TILT)
+    directory = tm.build(tmp_path_factory.mktemp("cut"), CUT_SEED, CUT_SHARPNESS, tm.EOS_TILT)
     return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
 
 
-def test_one_pass_proposal_matches_power_distribution(drawer, tiny):
+def test_one_pass_proposal_matches_power_distribution(tiny_engine, tiny):
     """A tempered, untruncated proposal (K = 0: every token is among the alternatives the pass
     reports) targets p^alpha with log q from the pass itself: nothing is scored."""
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
     chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE)
-    empirical, spend = run_chains(drawer, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE)
+    empirical, spend = run_chains(tiny_engine, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE)
     assert_matches(empirical, target, chain_law, [tm.tempered_distribution(table, MAX_TOKENS, PROPOSAL_TEMPERATURE)])
     assert spend.proposal == "one_pass" and spend.scored == 0
     assert 0 < spend.events["accepted"] < spend.events["proposals"]
@@ -116,7 +100,7 @@ def test_one_pass_proposal_matches_power_distribution(drawer, tiny):
 LOOKAHEAD = 4
 
 
-def test_look_ahead_keeps_the_chain_exact(drawer, tiny):
+def test_look_ahead_keeps_the_chain_exact(tiny_engine, tiny):
     """Proposals drawn LOOKAHEAD steps ahead, used only where the chain's length and the prefix at
     their index are unchanged (and drawn again where not), leave each step's law as it was: the
     chain's law after STEPS steps is the one-step-at-a-time chain's. Here accepted moves change the
@@ -124,7 +108,7 @@ def test_look_ahead_keeps_the_chain_exact(drawer, tiny):
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
     chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE)
-    empirical, spend = run_chains(drawer, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE,
+    empirical, spend = run_chains(tiny_engine, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE,
                                   lookahead=LOOKAHEAD)
     assert_matches(empirical, target, chain_law, [tm.tempered_distribution(table, MAX_TOKENS, PROPOSAL_TEMPERATURE)])
     used, discarded = spend.events["proposals"], spend.events["discarded"]
@@ -146,7 +130,7 @@ def test_one_pass_proposal_cut_to_the_top_k_matches_its_target(cut_model):
     assert spend.proposal == "one_pass" and spend.scored == 0
 
 
-def test_raw_logprobs_and_computed_log_q_are_exact(drawer, tiny):
+def test_raw_logprobs_and_computed_log_q_are_exact(tiny_engine, tiny):
     """The engine's raw log p of the drawn token and of its alternatives, and the log q computed
     from them for a draw at temperature 1/4 cut to the top 2, equal a float64 forward pass."""
     _, table = tiny
@@ -154,12 +138,12 @@ def test_raw_logprobs_and_computed_log_q_are_exact(drawer, tiny):
     async def draws() -> list:
         decode = DecodeParams(max_tokens=MAX_TOKENS, temperature=0.25, top_k=2, logprobs=3, n=16)
         by_choice: dict[int, list] = {}
-        async for batch in drawer.model.decode(tm.PROMPT, decode, uuid.uuid4().hex, Spend()):
+        async for batch in tiny_engine.model.decode(tm.PROMPT, decode, uuid.uuid4().hex, Spend()):
             for delta in batch:
                 by_choice.setdefault(delta.index, []).extend(delta.logprobs)
         return list(by_choice.values())
 
-    for entries in drawer.run(draws()):
+    for entries in tiny_engine.run(draws()):
         prefix = ()
         for entry in entries:
             row = table[prefix]

@@ -1,6 +1,6 @@
 """power_scalable against exact laws on a tiny random Llama, through the real vLLM engine.
 
-The model and prompt are those of the power_mcmc test (tests/tiny_models.py): 3 tokens, completions
+The model and prompt are those of the power_mcmc test (conftest's `tiny`): 3 tokens, completions
 of at most 3 tokens, 15 outcomes. At token level every token is a candidate and rollouts run to the
 end, so the only approximation left is the finite number of rollouts M. The law of the algorithm at
 a given M (the expected candidate probabilities at each prefix, multiplied along a completion) is
@@ -22,23 +22,9 @@ from samplers.power_scalable import PowerScalableParams, PowerScalableSampler
 from tests import tiny_models as tm
 
 ALPHA = 4.0
-MAX_TOKENS = 3
-SEED, SHARPNESS, EOS_TILT = 0, 12.0, 1.0  # p and temperature 1/alpha are 0.39 and 0.45 from p^4
+MAX_TOKENS = tm.MAX_TOKENS
 FAILURE_PROBABILITY = 1e-4
 REFERENCE_REPS = 200_000
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    directory = tm.build(tmp_path_factory.mktemp("tiny"), SEED, SHARPNESS, EOS_TILT)
-    return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    engine = tm.TinyEngine(tiny[0])
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +52,12 @@ def token_level(rollouts: int, jackknife: bool) -> dict:
                 rollout_horizon=MAX_TOKENS)
 
 
-def test_token_level_matches_power_distribution(engine, tiny, target, law_of):
+def test_token_level_matches_power_distribution(tiny_engine, tiny, target, law_of):
     law, reference_error = law_of(8, True)
     bias = tm.total_variation(law, target)  # what 8 rollouts with the jackknife leave (~0.002)
     samples = 1024
     bound = bias + reference_error + tm.noise_bound(target, samples, FAILURE_PROBABILITY)
-    empirical, results = draw(engine, samples, **token_level(8, jackknife=True))
+    empirical, results = draw(tiny_engine, samples, **token_level(8, jackknife=True))
     assert tm.total_variation(empirical, target) < bound
     low_temperature = tm.tempered_distribution(tiny[1], MAX_TOKENS, 1 / ALPHA)
     # The test can tell: temperature 1/alpha, the per-token sharpening, is far outside the bound.
@@ -88,14 +74,14 @@ def test_token_level_matches_power_distribution(engine, tiny, target, law_of):
 
 
 @pytest.mark.parametrize("rollouts, jackknife, samples", [(1, False, 2048), (2, False, 1024), (2, True, 1024)])
-def test_draws_follow_the_algorithms_law_at_each_rollout_count(engine, law_of, rollouts, jackknife, samples):
+def test_draws_follow_the_algorithms_law_at_each_rollout_count(tiny_engine, law_of, rollouts, jackknife, samples):
     law, reference_error = law_of(rollouts, jackknife)
-    empirical, _ = draw(engine, samples, **token_level(rollouts, jackknife))
+    empirical, _ = draw(tiny_engine, samples, **token_level(rollouts, jackknife))
     assert tm.total_variation(empirical, law) < reference_error + tm.noise_bound(law, samples,
                                                                                 FAILURE_PROBABILITY)
 
 
-def test_error_falls_with_rollouts_and_the_jackknife_helps(engine, target, law_of):
+def test_error_falls_with_rollouts_and_the_jackknife_helps(tiny_engine, target, law_of):
     def bias(rollouts: int, jackknife: bool) -> float:
         return tm.total_variation(law_of(rollouts, jackknife)[0], target)
 
@@ -107,20 +93,20 @@ def test_error_falls_with_rollouts_and_the_jackknife_helps(engine, target, law_o
     # Through the engine, one rollout is visibly off target where eight with the jackknife were
     # not: its draws sit further from p^alpha than the first test's bound for the same count.
     samples = 2048
-    empirical, _ = draw(engine, samples, **token_level(1, jackknife=False))
+    empirical, _ = draw(tiny_engine, samples, **token_level(1, jackknife=False))
     assert tm.total_variation(empirical, target) > bias(8, True) + tm.noise_bound(target, samples,
                                                                                 FAILURE_PROBABILITY)
 
 
 @pytest.mark.parametrize("weighting", ["importance", "power"])
-def test_block_choice_follows_its_law(engine, tiny, target, weighting):
+def test_block_choice_follows_its_law(tiny_engine, tiny, target, weighting):
     """One block of the whole completion: 32 draws from p, every distinct one a candidate, weighed
     as drawn. Importance weights tend to p^alpha (TV 0.0045 at 32 draws); the paper's p^alpha
     weights tend to p^(alpha+1) (0.035 from p^alpha)."""
     law, reference_error = tm.block_choice_distribution(tiny[1], MAX_TOKENS, ALPHA, 32, weighting,
                                                         REFERENCE_REPS)
     samples = 1024
-    empirical, _ = draw(engine, samples, block_size=MAX_TOKENS, candidate_blocks=32,
+    empirical, _ = draw(tiny_engine, samples, block_size=MAX_TOKENS, candidate_blocks=32,
                         candidates=len(tm.completions(MAX_TOKENS)), block_weighting=weighting)
     assert tm.total_variation(empirical, law) < reference_error + tm.noise_bound(law, samples,
                                                                                 FAILURE_PROBABILITY)

@@ -1,6 +1,6 @@
 """power_smc against exact laws on the tiny random Llama, through the real vLLM engine.
 
-The model and prompt are those of the power_mcmc test (tests/tiny_models.py): 3 tokens, completions
+The model and prompt are those of the power_mcmc test (conftest's `tiny`): 3 tokens, completions
 of at most 3 tokens, 15 outcomes. Sequential Monte Carlo with N particles is consistent: its law
 approaches p^alpha as N grows, but at a finite N it is its own law, which tiny_models.smc_distribution
 simulates on the exact next-token table (the engine plays no part there). The engine's draws must
@@ -21,24 +21,10 @@ from samplers.power_smc import PowerSMCParams, PowerSMCSampler
 from tests import tiny_models as tm
 
 ALPHA = 4.0
-MAX_TOKENS = 3
-SEED, SHARPNESS, EOS_TILT = 0, 12.0, 1.0  # temperature 1/alpha is 0.45 from p^4
+MAX_TOKENS = tm.MAX_TOKENS
 FAILURE_PROBABILITY = 1e-4
 REFERENCE_REPS = 100_000
 RUNS = 1024
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    directory = tm.build(tmp_path_factory.mktemp("tiny"), SEED, SHARPNESS, EOS_TILT)
-    return directory, tm.next_token_logprobs(directory, tm.PROMPT, MAX_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    engine = tm.TinyEngine(tiny[0])
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +59,9 @@ def test_the_law_approaches_the_power_distribution_as_particles_grow(target, law
     assert distances[-1] < 0.08
 
 
-def test_one_particle_is_the_proposal(engine, tiny, target):
+def test_one_particle_is_the_proposal(tiny_engine, tiny, target):
     _, table = tiny
-    empirical, results = draw(engine, table, 1, 0.5)
+    empirical, results = draw(tiny_engine, table, 1, 0.5)
     proposal = tm.tempered_distribution(table, MAX_TOKENS, 1 / ALPHA)
     bound = tm.noise_bound(proposal, RUNS, FAILURE_PROBABILITY)
     assert tm.total_variation(empirical, proposal) < bound
@@ -87,7 +73,7 @@ PARTICLES = 16
 
 
 @pytest.mark.parametrize("threshold, chunk", [(0.5, power_smc.CHUNK), (1.0, 1)])
-def test_particles_follow_the_algorithms_law(engine, tiny, law_of, monkeypatch, threshold, chunk):
+def test_particles_follow_the_algorithms_law(tiny_engine, tiny, law_of, monkeypatch, threshold, chunk):
     """16 particles follow the law the simulation gives, 0.19 from p^alpha and 0.26 from the
     proposal's (the bound is about 0.10). With the default chunk a particle's one request decodes all three tokens,
     mostly before the first check: this checks the weights of tokens drawn ahead of the checks.
@@ -96,7 +82,7 @@ def test_particles_follow_the_algorithms_law(engine, tiny, law_of, monkeypatch, 
     monkeypatch.setattr(power_smc, "CHUNK", chunk)
     _, table = tiny
     law, reference_error = law_of(PARTICLES, threshold)
-    empirical, results = draw(engine, table, PARTICLES, threshold)
+    empirical, results = draw(tiny_engine, table, PARTICLES, threshold)
     bound = reference_error + tm.noise_bound(law, RUNS, FAILURE_PROBABILITY)
     assert tm.total_variation(empirical, law) < bound
     proposal = tm.tempered_distribution(table, MAX_TOKENS, 1 / ALPHA)
