@@ -25,11 +25,9 @@ Writes JSON (schema: benchmarks/schemas/frontier.schema.json), a plot (.png) and
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -218,28 +216,16 @@ def table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace, settings: dict[str, dict]) -> dict:
-    from openai import APIConnectionError, APIStatusError, OpenAI
-
-    from benchmarks.vs_vllm import embedded_server
     from server import embedded_model
 
     # With a budget and no --questions, as many as the budget holds: all of GSM8K's 1319 test questions.
     problems = quality.DATASETS[args.dataset](args.questions or (2000 if args.budget_minutes else DEFAULT_QUESTIONS))
     run_settings = {"dataset": args.dataset, "max_tokens": args.max_tokens, "model": args.model,
                     "concurrency": args.concurrency}
-    base_url = args.base_url
-    with contextlib.ExitStack() as stack:
-        if base_url is None:
-            base_url = stack.enter_context(embedded_server(args.model, 8105))
-        client = OpenAI(base_url=base_url + "/v1", api_key=args.api_key or "none", max_retries=0, timeout=7200)
-        try:
-            by_label = answer_rounds(client, args.model, problems, settings, args.reference, args.max_tokens,
-                                     args.concurrency, args.budget_minutes and args.budget_minutes * 60,
-                                     args.output.with_suffix(".jsonl"), run_settings)
-        except APIStatusError as exc:
-            raise UsageError(f"the server refused a request (HTTP {exc.status_code}): {exc.message}") from None
-        except APIConnectionError as exc:
-            raise UsageError(f"cannot reach {base_url}: {exc}") from None
+    with quality.asking(args.base_url, args.model, args.api_key, 8105) as (client, base_url):
+        by_label = answer_rounds(client, args.model, problems, settings, args.reference, args.max_tokens,
+                                 args.concurrency, args.budget_minutes and args.budget_minutes * 60,
+                                 args.output.with_suffix(".jsonl"), run_settings)
     quality.score([r for rows in by_label.values() for r in rows.values()],
                   args.base_model or embedded_model.prepare())
     if not set.intersection(*(set(rows) for rows in by_label.values())):
@@ -257,11 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours on the embedded model)")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="served model name (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
-    parser.add_argument("--base-model", type=Path,
-                        help="Hugging Face directory of the model whose log p is the self-reward (default: the embedded model)")
+    quality.add_server_arguments(parser)
     parser.add_argument("--dataset", choices=sorted(quality.DATASETS), default="gsm8k")
     parser.add_argument("--sampler", dest="samplers", type=parse_sampler, action="append",
                         help="NAME or NAME:{json request fields}, repeatable; a `model` field names a distilled "
@@ -284,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--reference {args.reference!r} is none of the settings: {', '.join(settings)}")
         if args.budget_minutes is not None and args.budget_minutes <= 0:
             raise UsageError("--budget-minutes must be positive")
-        if args.base_model and not (args.base_model / "config.json").exists():
-            raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory")
+        quality.check_base_model(args.base_model)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         report = header("benchmarks.frontier", argv) | run(args, settings)
     except UsageError as exc:

@@ -27,6 +27,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -174,29 +175,52 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the harnesses that ask a server questions: which server and model, and whose
+    log p is the self-reward."""
+    parser.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours on the embedded model)")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="served model name (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    parser.add_argument("--base-model", type=Path,
+                        help="Hugging Face directory of the model whose log p is the self-reward (default: the embedded model)")
+
+
+def check_base_model(base_model: Path | None) -> None:
+    if base_model and not (base_model / "config.json").exists():
+        raise UsageError(f"--base-model {base_model} is not a Hugging Face model directory")
+
+
+@contextlib.contextmanager
+def asking(base_url: str | None, model: str, api_key: str | None, port: int) -> Iterator[tuple]:
+    """An OpenAI client of base_url, or of our own server on the embedded model started on `port`
+    for the run, with its base URL; a request the server refuses or cannot take is a UsageError."""
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    from benchmarks.vs_vllm import embedded_server
+
+    with contextlib.ExitStack() as stack:
+        if base_url is None:
+            base_url = stack.enter_context(embedded_server(model, port))
+        try:
+            yield OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=7200), base_url
+        except APIStatusError as exc:
+            raise UsageError(f"the server refused a request (HTTP {exc.status_code}): {exc.message}") from None
+        except APIConnectionError as exc:
+            raise UsageError(f"cannot reach {base_url}: {exc}") from None
+
+
 def run(base_url: str | None, model: str, api_key: str | None, base_model: Path | None,
         dataset: str, prompts: int, samplers: dict[str, dict], max_tokens: int, concurrency: int,
         output: Path) -> dict:
     """Evaluate against base_url, or against our own server on the embedded model started for the run;
     self-reward by base_model (default: the embedded model)."""
-    from openai import APIConnectionError, APIStatusError, OpenAI
-
-    from benchmarks.vs_vllm import embedded_server
     from server import embedded_model
 
     problems = DATASETS[dataset](prompts)
     settings = {"dataset": dataset, "max_tokens": max_tokens, "model": model}
-    with contextlib.ExitStack() as stack:
-        if base_url is None:
-            base_url = stack.enter_context(embedded_server(model, 8104))
-        client = OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=7200)
-        try:
-            summary = evaluate(client, model, base_model or embedded_model.prepare(), problems, samplers,
-                               max_tokens, concurrency, output.with_suffix(".jsonl"), settings)
-        except APIStatusError as exc:
-            raise UsageError(f"the server refused a request (HTTP {exc.status_code}): {exc.message}") from None
-        except APIConnectionError as exc:
-            raise UsageError(f"cannot reach {base_url}: {exc}") from None
+    with asking(base_url, model, api_key, 8104) as (client, base_url):
+        summary = evaluate(client, model, base_model or embedded_model.prepare(), problems, samplers,
+                           max_tokens, concurrency, output.with_suffix(".jsonl"), settings)
     return {
         "server": {"base_url": base_url, "model": model}, "dataset": dataset, "prompts": len(problems),
         "max_tokens": max_tokens, "concurrency": concurrency, "answer_extraction": ANSWER_EXTRACTION,
@@ -209,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours on the embedded model)")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="served model name (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
-    parser.add_argument("--base-model", type=Path,
-                        help="Hugging Face directory of the model whose log p is the self-reward (default: the embedded model)")
+    add_server_arguments(parser)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="arithmetic")
     parser.add_argument("--prompts", type=positive, default=16, help="the first N questions (default: %(default)s)")
     parser.add_argument("--sampler", dest="samplers", type=parse_sampler, action="append",
@@ -225,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or RESULTS / f"quality_{args.dataset}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if args.base_model and not (args.base_model / "config.json").exists():
-            raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory")
+        check_base_model(args.base_model)
         report = header("benchmarks.quality", argv) | run(args.base_url, args.model, args.api_key, args.base_model, args.dataset, args.prompts,
                      dict(args.samplers or [parse_sampler("direct")]), args.max_tokens, args.concurrency, output)
     except UsageError as exc:

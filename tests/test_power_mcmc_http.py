@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import MODEL, assert_base_logprobs
 from tests.test_errors import assert_error, complete
-from tests.test_metrics_and_cancel import leave_mid_request, scrape
+from tests.test_metrics_and_cancel import leave_mid_request, scrape, value
 
 PROMPT = "The capital of France is"
 POWER = {"sampler": "power_mcmc", "mcmc_steps": 2, "block_size": 4}
@@ -38,8 +38,7 @@ def test_stream_delivers_the_same_completion_as_non_stream(client):
 
 def test_metrics_count_proposals(http, client):
     def events(samples, event):
-        key = frozenset({"model": MODEL, "sampler": "power_mcmc", "event": event}.items())
-        return samples.get(("powerserve_sampler_events_total", key), 0.0)
+        return value(samples, "powerserve_sampler_events_total", sampler="power_mcmc", event=event)
 
     before = scrape(http)
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body=POWER)

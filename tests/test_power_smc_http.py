@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import MODEL, assert_base_logprobs
 from tests.test_errors import assert_error, complete
-from tests.test_metrics_and_cancel import leave_mid_request, scrape
+from tests.test_metrics_and_cancel import leave_mid_request, scrape, value
 
 PROMPT = "The capital of France is"
 POWER = {"sampler": "power_smc", "particles": 4, "ess_threshold": 1.0}
@@ -38,8 +38,7 @@ def test_stream_sends_the_settled_prefix_early_and_the_same_completion_as_non_st
 
 def test_metrics_count_particles(http, client):
     def events(samples, event):
-        key = frozenset({"model": MODEL, "sampler": "power_smc", "event": event}.items())
-        return samples.get(("powerserve_sampler_events_total", key), 0.0)
+        return value(samples, "powerserve_sampler_events_total", sampler="power_smc", event=event)
 
     before = scrape(http)
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, extra_body=POWER)
