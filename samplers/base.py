@@ -239,7 +239,12 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    alternatives: list[list[float]] = field(default_factory=list)
+    top: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
+
+    @property
+    def alternatives(self) -> list[list[float]]:
+        """The log-probabilities of the alternatives at each position, most likely first."""
+        return [[a.logprob for a in position] for position in self.top]
 
     @property
     def ended(self) -> bool:
@@ -257,7 +262,7 @@ async def complete(model: LanguageModel, prompt_token_ids: list[int], params: De
                 done = completions[delta.index]
                 done.token_ids += delta.token_ids
                 done.logprobs += [t.logprob for t in delta.logprobs or ()]
-                done.alternatives += [[a.logprob for a in t.top] for t in delta.logprobs or ()]
+                done.top += [t.top for t in delta.logprobs or ()]
                 if delta.finish_reason is not None:
                     done.finish_reason, done.stop_reason = delta.finish_reason, delta.stop_reason
     return completions

@@ -1,20 +1,27 @@
 """`power_scalable`: autoregressive power sampling with Monte Carlo lookahead (README, power_scalable).
 
 Ji, Tutunov, Zimmer & Bou Ammar (arXiv 2601.21590). The power distribution's next-step conditional is
-p(c)^alpha * zeta(c), where zeta(c) = E_{s ~ p}[p(s | c)^(alpha - 1)] is the quality of c's future.
-Each decision weighs K candidates by that product, estimating zeta from M rollouts after each
-candidate, and commits one; nothing is revisited, so each decision streams as soon as it is made.
+p(c)^alpha * zeta(c), where zeta(c) = sum over futures s of p(s | c)^alpha is the quality of c's
+future. Each decision weighs K candidates by that product, estimating zeta from M rollouts after
+each candidate, and commits one; nothing is revisited, so each decision streams as soon as it is made.
 
 - Token level (`block_size` 1): the candidates are the K most likely next tokens.
-- Block level: L blocks of `block_size` tokens are drawn from p; the K most likely distinct ones
-  are the candidates, each weighing as often as it was drawn. Draws from p weighted by
-  p^alpha * zeta (the paper's choice, `power`) tend to p^(alpha+1), not p^alpha; the
-  self-normalised importance weight for draws from p is p^(alpha-1) * zeta (`importance`, the
-  default).
+- Block level: L blocks of `block_size` tokens are drawn from the proposal; the K most likely
+  distinct ones are the candidates, each weighing as often as it was drawn.
 
-Every rollout runs at temperature 1 without truncation, so the engine's logprobs are log p itself
-and nothing is scored twice. The K rollout requests of a decision go to the engine together and
-share the prefix's cached KV; the `n` choices of a request run side by side.
+Where blocks and rollouts come from (`proposal`):
+- "tempered": q proportional to p^alpha among the `proposal_top_k` most likely tokens at each
+  position. A draw s weighs p(s)^alpha / q(s), the product of its tokens' Z_t (samplers/one_pass.py),
+  which the decoding pass itself gives; the target becomes p^alpha over completions made of such
+  tokens. zeta_hat(c) is the mean of the M rollouts' weights.
+- "base": draws from p itself at temperature 1, so logprobs are log p. A rollout weighs
+  p(s)^(alpha-1); a block p^(alpha-1) (`importance`, consistent for p^alpha) or p^alpha (the
+  paper's `power`, which tends to p^(alpha+1)).
+
+At token level the next decision's K most likely tokens are read from the chosen candidate's
+rollouts, whose first step computed them, instead of probing again. The K rollout requests of a
+decision go to the engine together and share the prefix's cached KV; the `n` choices of a request
+run side by side.
 """
 
 import asyncio
@@ -22,7 +29,7 @@ import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -42,6 +49,7 @@ from samplers.base import (
     complete,
     merge_streams,
 )
+from samplers.one_pass import alternatives_to_read, kept_tokens, rescored_log_q, truncated_log_q
 
 
 class PowerScalableParams(BaseModel):
@@ -66,22 +74,34 @@ class PowerScalableParams(BaseModel):
     )
     block_weighting: Literal["importance", "power"] | None = Field(
         None,
-        description="Block level: 'importance' weighs each drawn block by p^(alpha-1) * zeta "
-                    "(default, consistent for p^alpha); 'power' by p^alpha * zeta (the paper's).",
+        description="Block level, base proposal: 'importance' weighs each drawn block by p^(alpha-1) * "
+                    "zeta (default, consistent for p^alpha); 'power' by p^alpha * zeta (the paper's).",
+    )
+    proposal: Literal["tempered", "base"] = Field(
+        "tempered",
+        description="What blocks and rollouts are drawn from: 'tempered', p^alpha among the proposal_top_k "
+                    "most likely tokens, weighed exactly by p^alpha / q; 'base', p itself at temperature 1.",
+    )
+    proposal_top_k: int | None = Field(
+        None, ge=0,
+        description="Tempered proposal: draw among the K most likely tokens at each position (default 16), "
+                    "and the target becomes p^alpha over completions made of such tokens; 0: untruncated.",
     )
 
+# Above this share of zeta_hat, one rollout's term is the estimate: a degenerate estimate.
+DEGENERATE_SHARE = 0.9
 
-def candidate_probabilities(log_base: np.ndarray, rollout_logp: np.ndarray, alpha: float,
-                            jackknife: bool) -> np.ndarray:
+
+def candidate_probabilities(log_base: np.ndarray, terms: np.ndarray, jackknife: bool) -> np.ndarray:
     """The probability of committing each of K candidates (README, power_scalable).
 
     `log_base[..., k]` is the log of candidate k's own weight (alpha * log p(c) at token level) and
-    `rollout_logp[..., k, r]` the log p of rollout r after it (0 where nothing is left to roll out,
-    which makes zeta exactly 1). zeta_hat(c) = (1/M) sum_r p(s_r)^(alpha-1), p_hat ∝ base * zeta_hat.
-    The jackknife p_JK = M p_hat - ((M-1)/M) sum_s p_hat_{-s}, where p_hat_{-s} leaves rollout s out
-    of every candidate's estimate; it is clipped at 0 and renormalised. Leading axes are batches.
+    `terms[..., k, r]` the log weight of rollout r after it: log p(s)^alpha / q(s) (0 where nothing
+    is left to roll out, which makes zeta exactly 1). zeta_hat(c) = (1/M) sum_r exp(terms), p_hat ∝
+    base * zeta_hat. The jackknife p_JK = M p_hat - ((M-1)/M) sum_s p_hat_{-s}, where p_hat_{-s}
+    leaves rollout s out of every candidate's estimate; it is clipped at 0 and renormalised.
+    Leading axes are batches.
     """
-    terms = (alpha - 1.0) * rollout_logp
     m = terms.shape[-1]
     p_hat = _softmax(log_base + _logsumexp(terms, axis=-1) - math.log(m), axis=-1)
     if not jackknife:
@@ -91,6 +111,13 @@ def candidate_probabilities(log_base: np.ndarray, rollout_logp: np.ndarray, alph
     p_loo = _softmax(log_base[..., None] + loo_log_zeta, axis=-2)  # normalised over candidates
     p_jk = np.clip(m * p_hat - (m - 1) / m * p_loo.sum(axis=-1), 0.0, None)
     return p_jk / p_jk.sum(axis=-1, keepdims=True)
+
+
+def zeta_concentration(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate, the effective sample size of its rollouts' terms, (sum w)^2 / sum w^2 (from 1,
+    one rollout is the estimate, to M), and the largest term's share of zeta_hat."""
+    shares = _softmax(terms, axis=-1)
+    return 1.0 / (shares ** 2).sum(axis=-1), shares.max(axis=-1)
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -111,30 +138,50 @@ class PowerScalableSampler(Sampler):
 
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams,
                           params: PowerScalableParams) -> int:
-        # Per decision: one probe token or L candidate blocks, then M rollouts of at most H tokens
-        # after each of the K candidates (README, power_scalable); every decision commits at least
-        # a token, a whole block unless the completion ends.
-        total, remaining = 0, decode.max_tokens
+        # Per decision: L candidate blocks (one probe token in all at token level, which later reads
+        # its candidates from rollouts), then M rollouts of at most H tokens after each of the K
+        # candidates (README, power_scalable); every decision commits at least a token, a whole block
+        # unless the completion ends. A tempered proposal may rescore one draw per decision.
+        total, remaining = 1 if params.block_size == 1 else 0, decode.max_tokens
         while remaining > 0:
             size = min(params.block_size, remaining)
-            drawn = 1 if params.block_size == 1 else _candidate_blocks(params) * size
+            drawn = 0 if params.block_size == 1 else _candidate_blocks(params) * size
             remaining -= size
             total += drawn + params.candidates * params.rollouts * min(params.rollout_horizon, remaining)
+        if params.proposal == "tempered":
+            total += _rescore_budget(decode, params) * (prompt_length + decode.max_tokens + params.rollout_horizon)
         return decode.n * total
 
     def check(self, model: LanguageModel, decode: DecodeParams, params: PowerScalableParams) -> None:
         check_power_request(self.name, decode, "power_scalable picks its own candidates: set `candidates`.")
         if params.block_size == 1:
-            for field in ("candidate_blocks", "block_weighting"):
-                if getattr(params, field) is not None:
-                    raise InvalidRequest(f"{field} applies only at block level (block_size > 1).",
-                                         param=field)
+            for name in ("candidate_blocks", "block_weighting"):
+                if getattr(params, name) is not None:
+                    raise InvalidRequest(f"{name} applies only at block level (block_size > 1).", param=name)
         elif params.candidates > _candidate_blocks(params):
             raise InvalidRequest("candidates (K) cannot exceed candidate_blocks (L), the blocks drawn "
                                  "to choose them from.", param="candidates")
         if params.jackknife and params.rollouts < 2:
             raise InvalidRequest("The jackknife leaves one rollout out, so it needs rollouts >= 2; "
                                  "or set jackknife to false.", param="rollouts")
+        if params.proposal == "base":
+            if params.proposal_top_k is not None:
+                raise InvalidRequest("proposal_top_k applies only to the tempered proposal.", param="proposal_top_k")
+            return
+        if params.block_weighting == "power":
+            raise InvalidRequest("The tempered proposal weighs each block by p^alpha / q exactly; the paper's "
+                                 "'power' weighting is for proposal 'base'.", param="block_weighting")
+        if model.processed_logprobs:
+            raise InvalidRequest(
+                "The tempered proposal weighs draws by the base model's log p of the most likely tokens, which "
+                "an engine in processed_logprobs mode does not report; set proposal to 'base', or serve "
+                "without --logprobs-mode processed_logprobs.", param="proposal")
+        kept = kept_tokens(_proposal_top_k(params), model.vocab_size)
+        if kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
+            raise InvalidRequest(
+                f"The tempered proposal reads more than its K = {kept} most likely tokens at each position "
+                f"(all of them when untruncated), beyond this server's --max-logprobs ({model.max_logprobs}). "
+                f"Set proposal_top_k below {model.max_logprobs}.", param="proposal_top_k")
 
     async def sample(
         self,
@@ -175,10 +222,22 @@ def _candidate_blocks(params: PowerScalableParams) -> int:
     return params.candidate_blocks or params.candidates
 
 
+def _proposal_top_k(params: PowerScalableParams) -> int:
+    return 16 if params.proposal_top_k is None else params.proposal_top_k
+
+
+def _rescore_budget(decode: DecodeParams, params: PowerScalableParams) -> int:
+    """The most draws one choice rescores, one per decision: a tie past the alternatives read comes
+    about once in ten thousand tokens with bf16 logits (README, power_mcmc), so a run that needs
+    more fails rather than break the cost cap's bound."""
+    return math.ceil(decode.max_tokens / params.block_size)
+
+
 @dataclass
 class _Candidate:
     draw: Completion  # its tokens, their log p, and whether it ends the completion
     log_base: float  # log of its weight before zeta
+    next_top: tuple[TokenLogprob, ...] = field(default=())  # the most likely tokens after it, if read
 
 
 class _Choice:
@@ -194,41 +253,51 @@ class _Choice:
         self.spend = spend
         self.rng = rng
         self.stream = ChoiceStream(model, index, decode.logprobs is not None)
+        self.tempered = params.proposal == "tempered"
+        self.kept = kept_tokens(_proposal_top_k(params), model.vocab_size)
+        self.top_count = min(params.candidates, model.vocab_size)
+        self.alternatives = alternatives_to_read(model, self.kept) if self.tempered else 0
+        self.next_top: tuple[TokenLogprob, ...] = ()  # the next decision's most likely tokens, once read
+        self.rescorings = 0
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         for step in range(self.decode.max_tokens):
             candidates, probabilities = await self.decide(self.decode.max_tokens - len(self.stream.token_ids),
                                                           f"{self.request_id}-{step}")
-            chosen = self.rng.choices(candidates, weights=probabilities.tolist())[0].draw
+            chosen = self.rng.choices(candidates, weights=probabilities.tolist())[0]
+            self.next_top = chosen.next_top
             self.spend.count("decisions")
-            yield self._commit(chosen)
-            if chosen.ended or len(self.stream.token_ids) == self.decode.max_tokens:
+            yield self._commit(chosen.draw)
+            if chosen.draw.ended or len(self.stream.token_ids) == self.decode.max_tokens:
                 return
 
     async def decide(self, remaining: int, request_id: str) -> tuple[list[_Candidate], np.ndarray]:
         """The candidates for the next token or block, and the probability of committing each."""
         prefix = self.prompt + self.stream.token_ids
-        if self.params.block_size == 1:
-            candidates = await self._top_tokens(prefix, request_id)
-        else:
+        if self.params.block_size > 1:
             candidates = await self._sampled_blocks(prefix, min(self.params.block_size, remaining), request_id)
-        rollout_logp = await asyncio.gather(*(
-            self._rollouts(prefix, c.draw, remaining, f"{request_id}-{k}") for k, c in enumerate(candidates)
+        elif self.next_top:
+            candidates = self._top_tokens(self.next_top)
+        else:
+            candidates = self._top_tokens(await self._probe(prefix, request_id))
+        rollouts = await asyncio.gather(*(
+            self._rollouts(prefix, c, remaining, f"{request_id}-{k}") for k, c in enumerate(candidates)
         ))
-        return candidates, candidate_probabilities(
-            np.array([c.log_base for c in candidates]), np.array(rollout_logp),
-            self.params.power_alpha, self.params.jackknife)
+        self._record_concentration([terms for terms in rollouts if terms is not None])
+        # Where nothing can follow a candidate, zeta is exactly 1: terms of 0.
+        terms = np.array([[0.0] * self.params.rollouts if r is None else r for r in rollouts])
+        return candidates, candidate_probabilities(np.array([c.log_base for c in candidates]), terms,
+                                                   self.params.jackknife)
 
-    async def _top_tokens(self, prefix: list[int], request_id: str) -> list[_Candidate]:
+    async def _probe(self, prefix: list[int], request_id: str) -> tuple[TokenLogprob, ...]:
         """The K most likely next tokens with their log p, from one decoded token's logprobs."""
-        count = min(self.params.candidates, self.model.vocab_size)
-        probe = DecodeParams(max_tokens=1, ignore_eos=True, logprobs=count, seed=self._seed())
-        top: tuple[TokenLogprob, ...] = ()
-        async with aclosing(self.model.decode(prefix, probe, request_id, self.spend)) as batches:
-            async for batch in batches:
-                for delta in batch:
-                    top = delta.logprobs[0].top if delta.logprobs else top
-        return [_Candidate(self._token_draw(t), self.params.power_alpha * t.logprob) for t in top]
+        probe = DecodeParams(max_tokens=1, ignore_eos=True, logprobs=self.top_count, seed=self._seed())
+        self.spend.count("probes")
+        [draw] = await complete(self.model, prefix, probe, request_id, self.spend)
+        return draw.top[0]
+
+    def _top_tokens(self, top: tuple[TokenLogprob, ...]) -> list[_Candidate]:
+        return [_Candidate(self._token_draw(t), self.params.power_alpha * t.logprob) for t in top[:self.top_count]]
 
     def _token_draw(self, token: TokenLogprob) -> Completion:
         stop_token = token.token_id in self.decode.stop_token_ids
@@ -237,8 +306,8 @@ class _Choice:
                           token.token_id if stop_token else None)
 
     async def _sampled_blocks(self, prefix: list[int], size: int, request_id: str) -> list[_Candidate]:
-        """L blocks drawn from p, reduced to the K most likely distinct ones with their weights."""
-        draws = await complete(self.model, prefix, self._from_p(_candidate_blocks(self.params), size),
+        """L blocks drawn from the proposal, reduced to the K most likely distinct ones with their weights."""
+        draws = await complete(self.model, prefix, self._proposal(_candidate_blocks(self.params), size, 0),
                                request_id, self.spend)
         counts: dict[tuple[int, ...], int] = {}
         distinct: dict[tuple[int, ...], Completion] = {}
@@ -246,32 +315,65 @@ class _Choice:
             key = tuple(draw.token_ids)
             counts[key] = counts.get(key, 0) + 1
             distinct.setdefault(key, draw)
-        kept = sorted(distinct, key=lambda key: sum(distinct[key].logprobs), reverse=True)
+        kept = sorted(distinct, key=lambda key: sum(distinct[key].logprobs), reverse=True)[:self.params.candidates]
+        # A block drawn k times weighs k times its importance weight; the paper's 'power' weighting
+        # multiplies in p once more (README, power_scalable).
+        power = self.params.block_weighting == "power"
+        log_weights = [await self._log_weight(prefix, distinct[key], f"{request_id}-{i}")
+                       + (sum(distinct[key].logprobs) if power else 0.0) for i, key in enumerate(kept)]
+        return [_Candidate(distinct[key], math.log(counts[key]) + w) for key, w in zip(kept, log_weights)]
 
-        # Each draw weighs p^alpha (the paper's) or p^(alpha-1) (the self-normalised importance
-        # weight for draws from p), so a block drawn k times weighs k times as much.
-        exponent = self.params.power_alpha - (self.params.block_weighting != "power")
-
-        def log_weight(key: tuple[int, ...]) -> float:
-            return math.log(counts[key]) + exponent * sum(distinct[key].logprobs)
-
-        return [_Candidate(distinct[key], log_weight(key)) for key in kept[:self.params.candidates]]
-
-    async def _rollouts(self, prefix: list[int], candidate: Completion, remaining: int,
-                        request_id: str) -> list[float]:
-        """log p of M rollouts after the candidate; all 0 (zeta = 1) when nothing can follow it."""
-        room = min(self.params.rollout_horizon, remaining - len(candidate.token_ids))
-        if candidate.ended or room == 0:
-            return [0.0] * self.params.rollouts
-        draws = await complete(self.model, prefix + candidate.token_ids,
-                               self._from_p(self.params.rollouts, room), request_id, self.spend)
+    async def _rollouts(self, prefix: list[int], candidate: _Candidate, remaining: int,
+                        request_id: str) -> list[float] | None:
+        """The log weights of M rollouts after the candidate; None when nothing can follow it. At
+        token level they also give the most likely tokens after it (`next_top`)."""
+        room = min(self.params.rollout_horizon, remaining - len(candidate.draw.token_ids))
+        if candidate.draw.ended or room == 0:
+            return None
+        start = prefix + candidate.draw.token_ids
+        top_count = self.top_count if self.params.block_size == 1 else 0
+        draws = await complete(self.model, start, self._proposal(self.params.rollouts, room, top_count),
+                               request_id, self.spend)
         self.spend.count("rollouts", len(draws))
-        return [sum(d.logprobs) for d in draws]
+        if top_count:
+            candidate.next_top = draws[0].top[0]
+        return [await self._log_weight(start, d, f"{request_id}-{r}") for r, d in enumerate(draws)]
 
-    def _from_p(self, n: int, max_tokens: int) -> DecodeParams:
-        """n draws from the model itself: temperature 1, no truncation, so logprobs are log p."""
-        return DecodeParams(max_tokens=max_tokens, n=n, seed=self._seed(), logprobs=0,
+    async def _log_weight(self, prefix: list[int], draw: Completion, request_id: str) -> float:
+        """log p(s)^alpha / q(s) of a draw from the proposal: (alpha - 1) log p(s) for the base one, the
+        sum of its tokens' log Z_t for the tempered one (README, power_scalable)."""
+        alpha = self.params.power_alpha
+        if not self.tempered:
+            return (alpha - 1.0) * sum(draw.logprobs)
+        log_q = [truncated_log_q(lp, alternatives, self.kept, alpha, self.model.vocab_size)
+                 for lp, alternatives in zip(draw.logprobs, draw.alternatives)]
+        if None in log_q:
+            self.rescorings += 1
+            if self.rescorings > _rescore_budget(self.decode, self.params):
+                raise InvalidRequest("More ties at the proposal's top-k cut than this request's cost bound allows "
+                                     "rescoring; choose another proposal_top_k.", param="proposal_top_k")
+            log_q = await rescored_log_q(self.model, prefix, draw.token_ids, self.kept, alpha, request_id, self.spend)
+        return alpha * sum(draw.logprobs) - sum(log_q)
+
+    def _proposal(self, n: int, max_tokens: int, top_count: int) -> DecodeParams:
+        """n draws from the proposal, reporting at least `top_count` alternatives per token: p itself
+        (temperature 1, untruncated, so logprobs are log p), or p^alpha among the kept tokens."""
+        tempered = self.tempered and self.kept < self.model.vocab_size
+        return DecodeParams(max_tokens=max_tokens, n=n, seed=self._seed(),
+                            temperature=1.0 / self.params.power_alpha if self.tempered else 1.0,
+                            top_k=self.kept if tempered else 0, logprobs=max(self.alternatives, top_count),
                             stop_token_ids=self.decode.stop_token_ids, ignore_eos=self.decode.ignore_eos)
+
+    def _record_concentration(self, estimates: list[list[float]]) -> None:
+        """How spread each zeta_hat of this decision was: its rollouts' effective sample size (the
+        mean over candidates goes to `rollout_ess`) and whether one rollout carried more than
+        DEGENERATE_SHARE of it (README, power_scalable, diagnostics)."""
+        if not estimates:
+            return
+        ess, largest = zeta_concentration(np.array(estimates))
+        self.spend.count("zeta_estimates", len(estimates))
+        self.spend.count("zeta_degenerate", int((largest > DEGENERATE_SHARE).sum()))
+        self.spend.details.setdefault("rollout_ess", []).append(round(float(ess.mean()), 3))
 
     def _seed(self) -> int | None:
         return None if self.decode.seed is None else self.rng.randrange(2**31)

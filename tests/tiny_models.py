@@ -259,26 +259,41 @@ def suffixes(table: dict, prefix: tuple, max_tokens: int) -> tuple[list[tuple], 
 
 
 def scalable_step_law(table: dict, prefix: tuple, max_tokens: int, alpha: float, rollouts: int,
-                      jackknife: bool, reps: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                      jackknife: bool, reps: int, rng: np.random.Generator,
+                      proposal: str = "base") -> tuple[np.ndarray, np.ndarray]:
     """The law of power_scalable's next token after `prefix`, token level with every token a
     candidate and rollouts to the end: E over the rollouts of the candidate probabilities.
+    Rollouts come from p ('base', weight p^(alpha-1)) or from p at temperature 1/alpha
+    ('tempered', weight p^alpha / q).
 
     Monte Carlo over `reps` sets of rollouts; returns the law and its standard errors.
     """
     from samplers.power_scalable import candidate_probabilities
 
     tokens = sorted(VOCAB.values())
-    rollout_logp = np.zeros((reps, len(tokens), rollouts))
+    rollout_terms = np.zeros((reps, len(tokens), rollouts))
     for c in tokens:
         if c != EOS and len(prefix) + 1 < max_tokens:
-            _, logp = suffixes(table, prefix + (c,), max_tokens)
-            rollout_logp[:, c] = rng.choice(logp, size=(reps, rollouts), p=np.exp(logp))
-    probabilities = candidate_probabilities(alpha * table[prefix][tokens], rollout_logp, alpha, jackknife)
+            law, terms = rollout_law(table, prefix + (c,), max_tokens, alpha, proposal)
+            rollout_terms[:, c] = rng.choice(terms, size=(reps, rollouts), p=law)
+    probabilities = candidate_probabilities(alpha * table[prefix][tokens], rollout_terms, jackknife)
     return probabilities.mean(axis=0), probabilities.std(axis=0) / math.sqrt(reps)
 
 
+def rollout_law(table: dict, prefix: tuple, max_tokens: int, alpha: float, proposal: str) -> tuple[np.ndarray, np.ndarray]:
+    """The law of a rollout after `prefix` to the end, over every way it can go on, and each way's
+    log importance weight for p^alpha: drawn from p ('base') or at temperature 1/alpha ('tempered')."""
+    after, logp = suffixes(table, prefix, max_tokens)
+    if proposal == "base":
+        return np.exp(logp), (alpha - 1.0) * logp
+    start = sequence_logprob(table, prefix, 1.0 / alpha)
+    logq = np.array([sequence_logprob(table, prefix + s, 1.0 / alpha) - start for s in after])
+    law = np.exp(logq)
+    return law / law.sum(), alpha * logp - logq
+
+
 def scalable_distribution(table: dict, max_tokens: int, alpha: float, rollouts: int, jackknife: bool,
-                          reps: int, seed: int = 0) -> tuple[dict, float]:
+                          reps: int, seed: int = 0, proposal: str = "base") -> tuple[dict, float]:
     """The law of a power_scalable completion (token level, every token a candidate), and a bound
     on its Monte Carlo error in total variation.
 
@@ -291,7 +306,7 @@ def scalable_distribution(table: dict, max_tokens: int, alpha: float, rollouts: 
     for n in range(max_tokens):
         for prefix in itertools.product([t for t in VOCAB.values() if t != EOS], repeat=n):
             steps[prefix] = scalable_step_law(table, prefix, max_tokens, alpha, rollouts, jackknife,
-                                              reps, rng)
+                                              reps, rng, proposal)
     law = {}
     for y in completions(max_tokens):
         law[y] = math.prod(steps[y[:t]][0][token] for t, token in enumerate(y))
@@ -304,17 +319,24 @@ def scalable_distribution(table: dict, max_tokens: int, alpha: float, rollouts: 
 
 def block_choice_distribution(table: dict, max_tokens: int, alpha: float, draws: int, weighting: str,
                               reps: int, seed: int = 0) -> tuple[dict, float]:
-    """The law of power_scalable's choice among `draws` whole completions drawn from p (one block
-    of max_tokens, nothing left to roll out, every distinct draw kept), and its Monte Carlo error.
+    """The law of power_scalable's choice among `draws` whole completions (one block of max_tokens,
+    nothing left to roll out, every distinct draw kept), and its Monte Carlo error.
 
-    Each draw weighs p^(alpha-1) ('importance') or p^alpha ('power'), so a completion drawn k
-    times weighs k times as much.
+    'importance' and 'power' draw from p, each draw weighing p^(alpha-1) or p^alpha; 'tempered'
+    draws from p at temperature 1/alpha, each weighing p^alpha / q. A completion drawn k times
+    weighs k times as much.
     """
     rng = np.random.default_rng(seed)
     states = completions(max_tokens)
     logp = np.array([sequence_logprob(table, y) for y in states])
-    counts = rng.multinomial(draws, np.exp(logp) / np.exp(logp).sum(), size=reps)
-    weights = counts * np.exp((alpha - (weighting == "importance")) * logp)
+    if weighting == "tempered":
+        logq = np.array([sequence_logprob(table, y, 1.0 / alpha) for y in states])
+        log_weight = alpha * logp - logq
+    else:
+        logq, log_weight = logp, (alpha - (weighting == "importance")) * logp
+    law = np.exp(logq)
+    counts = rng.multinomial(draws, law / law.sum(), size=reps)
+    weights = counts * np.exp(log_weight - log_weight.max())
     choice = weights / weights.sum(axis=1, keepdims=True)
     error = 0.5 * 5 * (choice.std(axis=0) / math.sqrt(reps)).sum()
     return dict(zip(states, choice.mean(axis=0))), error
