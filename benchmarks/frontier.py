@@ -48,9 +48,12 @@ SETTINGS = {
     "temperature 1/alpha": {"temperature": 1 / ALPHA},
     "power_mcmc (defaults: 16 blocks, 10 steps)": {"sampler": "power_mcmc", "power_alpha": ALPHA},
     "power_mcmc (3 steps)": {"sampler": "power_mcmc", "power_alpha": ALPHA, "mcmc_steps": 3},
-    "power_scalable (defaults: blocks of 16, K=M=8, H=32)": {"sampler": "power_scalable", "power_alpha": ALPHA},
-    "power_scalable (K=M=4, H=16)": {
+    "power_scalable (defaults: tempered, blocks of 16, K=M=8, H=32)": {"sampler": "power_scalable",
+                                                                       "power_alpha": ALPHA},
+    "power_scalable (tempered, K=M=4, H=16)": {
         "sampler": "power_scalable", "power_alpha": ALPHA, "candidates": 4, "rollouts": 4, "rollout_horizon": 16},
+    "power_scalable (base proposal, blocks of 16, K=M=8, H=32)": {
+        "sampler": "power_scalable", "power_alpha": ALPHA, "proposal": "base"},
     "power_smc (defaults: 16 particles)": {"sampler": "power_smc", "power_alpha": ALPHA},
     "power_smc (4 particles)": {"sampler": "power_smc", "power_alpha": ALPHA, "particles": 4},
 }

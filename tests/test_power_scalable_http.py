@@ -20,8 +20,14 @@ def test_spend_and_base_logprobs(live_server, client, block_size):
     usage = r.sampler_usage
     decisions = 2 * 8 // block_size
     assert usage["events"]["decisions"] == decisions
-    # Every decision but the last rolls out after each of its 3 candidates (2 rollouts each).
-    assert usage["events"]["rollouts"] == 2 * (decisions - 2) * 3
+    # Every decision but the last rolls out after each of its candidates (2 rollouts each): the 3
+    # most likely tokens, or the distinct ones among 3 blocks from the sharp tempered proposal.
+    most = 2 * (decisions - 2) * 3
+    rollouts = usage["events"]["rollouts"]
+    assert rollouts == most if block_size == 1 else 0 < rollouts <= most and rollouts % 2 == 0
+    assert usage["events"]["zeta_estimates"] == rollouts // 2 >= usage["events"].get("zeta_degenerate", 0)
+    assert len(usage["details"]["rollout_ess"]) == decisions - 2
+    assert all(1 <= ess <= 2 for ess in usage["details"]["rollout_ess"])
     assert usage["engine_tokens_generated"] > r.usage.completion_tokens == 16
     assert usage["engine_tokens_scored"] == 0
     assert all(c.finish_reason == "length" for c in r.choices)
