@@ -6,7 +6,7 @@ fidelity: on the tiny enumerable Llama of the tests, total variation between ind
   completions and the exact p^alpha. power_mcmc against MCMC steps, for proposal temperature
   1/alpha (the paper's) and 1, beside the exact law of the chain after that many steps;
   power_scalable (token level, every token a candidate) against rollouts M with and without the
-  jackknife, beside the algorithm's own law at that M; power_smc against particles N, beside its
+  jackknife, for both proposals, beside the algorithm's own law at that M; power_smc against particles N, beside its
   simulated law at that N. All against engine tokens per completion. Writes
   power_sampling_fidelity.json and .png.
 latency: on the embedded SmolLM2 through our server, wall-clock of each power configuration
@@ -27,6 +27,7 @@ smc: power_smc at 4 and 16 particles beside direct, on one server, in alternatin
 """
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -47,10 +48,11 @@ ALPHA = 4.0
 # Request bodies of the configurations the latency and self-reward runs compare.
 MCMC = {"sampler": "power_mcmc", "power_alpha": ALPHA, "mcmc_steps": 10}
 SCALABLE = {
-    "power_scalable (defaults: blocks of 16, K=M=8, H=32)": {"sampler": "power_scalable", "power_alpha": ALPHA},
-    "power_scalable (defaults, the paper's power weighting)": {
-        "sampler": "power_scalable", "power_alpha": ALPHA, "block_weighting": "power"},
-    "power_scalable (blocks of 16, K=M=4, H=16)": {
+    "power_scalable (defaults: tempered, blocks of 16, K=M=8, H=32)": {"sampler": "power_scalable",
+                                                                       "power_alpha": ALPHA},
+    "power_scalable (base proposal, blocks of 16, K=M=8, H=32)": {
+        "sampler": "power_scalable", "power_alpha": ALPHA, "proposal": "base"},
+    "power_scalable (tempered, blocks of 16, K=M=4, H=16)": {
         "sampler": "power_scalable", "power_alpha": ALPHA, "candidates": 4, "rollouts": 4, "rollout_horizon": 16},
     "power_scalable (token level, K=4, M=2, H=8)": {
         "sampler": "power_scalable", "power_alpha": ALPHA, "block_size": 1, "candidates": 4, "rollouts": 2,
@@ -92,21 +94,23 @@ def fidelity(args: argparse.Namespace) -> dict:
                 logger.info("power_mcmc %s, %d steps: TV %.3f (exact chain %.3f), %.1f engine tokens",
                             label, steps, tv, exact, tokens)
             curves[f"power_mcmc, {label}"] = points
-        for jackknife in (False, True):
+        for proposal, jackknife in itertools.product(("base", "tempered"), (False, True)):
             points = []
             for rollouts in args.rollouts:
                 if jackknife and rollouts < 2:
                     continue
                 params = PowerScalableParams(power_alpha=ALPHA, block_size=1, candidates=len(tm.VOCAB),
-                                             rollouts=rollouts, rollout_horizon=max_tokens, jackknife=jackknife)
+                                             rollouts=rollouts, rollout_horizon=max_tokens, jackknife=jackknife,
+                                             proposal=proposal)
                 tv, tokens = empirical(PowerScalableSampler(), params)
-                law, _ = tm.scalable_distribution(table, max_tokens, ALPHA, rollouts, jackknife, args.reference_reps)
+                law, _ = tm.scalable_distribution(table, max_tokens, ALPHA, rollouts, jackknife, args.reference_reps,
+                                                  proposal=proposal)
                 exact = tm.total_variation(law, target)
                 points.append({"rollouts": rollouts, "tv": tv, "exact_law_tv": exact,
                                "engine_tokens_per_completion": tokens})
-                logger.info("power_scalable M=%d jackknife=%s: TV %.3f (its law %.3f), %.1f engine tokens",
-                            rollouts, jackknife, tv, exact, tokens)
-            curves[f"power_scalable, token level, {'with' if jackknife else 'no'} jackknife"] = points
+                logger.info("power_scalable %s M=%d jackknife=%s: TV %.3f (its law %.3f), %.1f engine tokens",
+                            proposal, rollouts, jackknife, tv, exact, tokens)
+            curves[f"power_scalable, token level, {proposal}, {'with' if jackknife else 'no'} jackknife"] = points
         points = []
         for particles in args.particles:
             tv, tokens = empirical(PowerSMCSampler(), PowerSMCParams(power_alpha=ALPHA, particles=particles,
@@ -139,7 +143,7 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = ("tab:orange", "tab:blue", "tab:olive", "tab:cyan", "tab:brown")
+    colours = ("tab:orange", "tab:blue", "tab:olive", "tab:cyan", "tab:brown", "tab:pink", "tab:gray", "black")
     for (label, points), colour in zip(report["curves"].items(), colours):
         tokens = [p["engine_tokens_per_completion"] for p in points]
         ax.plot(tokens, [p["tv"] for p in points], "o-", color=colour, label=f"{label} (vLLM, measured)")

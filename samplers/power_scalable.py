@@ -29,7 +29,7 @@ import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -237,7 +237,7 @@ def _rescore_budget(decode: DecodeParams, params: PowerScalableParams) -> int:
 class _Candidate:
     draw: Completion  # its tokens, their log p, and whether it ends the completion
     log_base: float  # log of its weight before zeta
-    next_top: tuple[TokenLogprob, ...] = field(default=())  # the most likely tokens after it, if read
+    next_top: tuple[TokenLogprob, ...] = ()  # the most likely tokens after it, once its rollouts ran
 
 
 class _Choice:

@@ -119,7 +119,7 @@ def test_power_teacher_estimates_power_scalables_next_token_law(tiny):
     logps = np.array(teacher.token_logps([tiny_models.PROMPT] * reps, [completion] * reps, MAX_TOKENS))
     estimates = np.exp(logps[:, 1])  # the law after "a" of the token "b"
     expected, expected_error = tiny_models.scalable_step_law(table, (a,), MAX_TOKENS, 4.0, 2, True, 20_000,
-                                                             np.random.default_rng(0))
+                                                             np.random.default_rng(0), params.proposal)
     error = math.hypot(estimates.std() / math.sqrt(reps), expected_error[b])
     assert abs(estimates.mean() - expected[b]) < 5 * error
 

@@ -30,7 +30,8 @@ SAMPLERS = {"direct": {}, "power_mcmc": {"mcmc_steps": 2, "block_size": 8},
             "power_smc": {"particles": 2}}
 # Panels on one sampler's own events show only that sampler.
 EVENT_OWNERS = {"accepted": "power_mcmc", "proposals": "power_mcmc", "rollouts": "power_scalable",
-                "decisions": "power_scalable", "resamplings": "power_smc", "particles": "power_smc"}
+                "decisions": "power_scalable", "zeta_degenerate": "power_scalable", "zeta_estimates": "power_scalable",
+                "resamplings": "power_smc", "particles": "power_smc"}
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

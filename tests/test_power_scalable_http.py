@@ -87,6 +87,11 @@ def test_metrics_count_rollouts_and_engine_tokens(http, client):
     ({"candidates": 8, "candidate_blocks": 4}, "candidates"),
     ({"block_weighting": "uniform"}, "block_weighting"),
     ({"jackknife": "maybe"}, "jackknife"),
+    ({"proposal": "greedy"}, "proposal"),
+    ({"proposal": "base", "proposal_top_k": 4}, "proposal_top_k"),  # the base proposal is untruncated
+    ({"block_weighting": "power"}, "block_weighting"),  # the paper's weight is for the base proposal
+    ({"proposal_top_k": 64}, "proposal_top_k"),  # reads more alternatives than --max-logprobs 64
+    ({"proposal_top_k": -1}, "proposal_top_k"),
 ])
 def test_invalid_requests_are_400(http, fields, param):
     assert_error(complete(http, sampler="power_scalable", **fields), 400, param)

@@ -4,6 +4,7 @@ scores its tempered proposals for their log p instead of reading it from the dec
 
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from tests.conftest import MODEL, LiveServer, assert_base_logprobs, running_server
@@ -44,3 +45,17 @@ def test_power_mcmc_scores_its_proposals(processed):
     usage = r.sampler_usage
     assert usage["proposal"] == "scored" and usage["engine_tokens_scored"] > 0
     assert_base_logprobs(processed.model_dir, r.choices)  # the base model's log p, not the proposal's
+
+
+def test_power_scalable_needs_raw_logprobs_for_its_tempered_proposal(processed):
+    """Its tempered weights need log p of the most likely tokens, which this mode does not report: a 400
+    naming `proposal`; the base proposal draws at temperature 1, where both modes report log p."""
+    client = processed.client()
+    scalable = {"sampler": "power_scalable", "block_size": 4, "candidates": 2, "rollouts": 2, "rollout_horizon": 4}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, extra_body=scalable)
+    assert refused.value.body["param"] == "proposal"
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, logprobs=0,
+                                  extra_body={**scalable, "proposal": "base", "return_token_ids": True})
+    assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
+    assert_base_logprobs(processed.model_dir, r.choices)
