@@ -6,8 +6,8 @@ fidelity: on the tiny enumerable Llama of the tests, total variation between ind
   completions and the exact p^alpha. power_mcmc against MCMC steps, for proposal temperature
   1/alpha (the paper's) and 1, beside the exact law of the chain after that many steps;
   power_scalable (token level, every token a candidate) against rollouts M with and without the
-  jackknife, for both proposals, beside the algorithm's own law at that M; power_smc against particles N, beside its
-  simulated law at that N. All against engine tokens per completion. Writes
+  jackknife, for both proposals, beside the algorithm's own law at that M; power_smc against
+  particles N, beside its simulated law at that N. All against engine tokens per completion. Writes
   power_sampling_fidelity.json and .png.
 latency: on the embedded SmolLM2 through our server, wall-clock of each power configuration
   against direct at the same max_tokens, 1 and 8 concurrent requests, beside the engine-token
