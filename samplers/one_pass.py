@@ -36,6 +36,30 @@ def truncated_log_q(logp: float, alternatives: list[float], k: int, exponent: fl
     return exponent * logp - top - math.log(sum(math.exp(value - top) for value in kept))
 
 
+def check_alternatives_reported(model: LanguageModel, kept: int, reader: str, advice: str = "") -> None:
+    """Refuse a proposal whose K = `kept` tokens the engine cannot report with one more beside them
+    (or the whole vocabulary), which `truncated_log_q` needs to see where the kept set ends."""
+    if kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
+        raise InvalidRequest(
+            f"{reader} reads more than its K = {kept} most likely tokens at each position (all of them when "
+            f"untruncated), beyond this server's --max-logprobs ({model.max_logprobs}). Set proposal_top_k "
+            f"below {model.max_logprobs}{advice}.", param="proposal_top_k")
+
+
+class RescoreBudget:
+    """The ties one run may rescore within its cost bound; a run that needs more fails rather than
+    break the bound (an unresolved tie comes about once in ten thousand tokens with bf16 logits)."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def take(self) -> None:
+        if self.left == 0:
+            raise InvalidRequest("More ties at the proposal's top-k cut than this request's cost bound "
+                                 "allows rescoring; choose another proposal_top_k.", param="proposal_top_k")
+        self.left -= 1
+
+
 def alternatives_to_read(model: LanguageModel, kept: int) -> int:
     """Alternatives to read per position: twice K as the engine allows, so that a tie at the K-th
     value is almost always seen to its end (`truncated_log_q`); as many as it allows where a wider

@@ -47,7 +47,13 @@ from samplers.base import (
     check_power_request,
     complete,
 )
-from samplers.one_pass import alternatives_to_read, kept_tokens, rescored_log_q, truncated_log_q
+from samplers.one_pass import (
+    alternatives_to_read,
+    check_alternatives_reported,
+    kept_tokens,
+    rescored_log_q,
+    truncated_log_q,
+)
 
 
 class PowerMCMCParams(BaseModel):
@@ -129,14 +135,10 @@ class PowerMCMCSampler(Sampler):
         check_power_request(self.name, decode, "power_mcmc truncates its proposal with proposal_top_k.")
         path = proposal_path(model, params)
         kept = kept_tokens(params.proposal_top_k, model.vocab_size)
-        # The pass must report more than K alternatives, or the whole vocabulary.
-        if path == "one_pass" and kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
-            raise InvalidRequest(
-                f"The one-pass proposal reads more than its K = {kept} most likely tokens at each "
-                f"position (all of them when untruncated), beyond this server's --max-logprobs "
-                f"({model.max_logprobs}). Set proposal_top_k below {model.max_logprobs}, or "
-                "proposal_temperature to 1 with proposal_top_k 0 (q = p), or serve with "
-                "--logprobs-mode processed_logprobs (which scores every proposal).", param="proposal_top_k")
+        if path == "one_pass":
+            check_alternatives_reported(
+                model, kept, "The one-pass proposal", ", or proposal_temperature to 1 with proposal_top_k 0 "
+                "(q = p), or serve with --logprobs-mode processed_logprobs (which scores every proposal)")
         if path == "scored" and not model.can_score:
             raise InvalidRequest(
                 "This engine reports processed logprobs, so a proposal other than the untruncated "

@@ -49,7 +49,14 @@ from samplers.base import (
     complete,
     merge_streams,
 )
-from samplers.one_pass import alternatives_to_read, kept_tokens, rescored_log_q, truncated_log_q
+from samplers.one_pass import (
+    RescoreBudget,
+    alternatives_to_read,
+    check_alternatives_reported,
+    kept_tokens,
+    rescored_log_q,
+    truncated_log_q,
+)
 
 
 class PowerScalableParams(BaseModel):
@@ -176,12 +183,8 @@ class PowerScalableSampler(Sampler):
                 "The tempered proposal weighs draws by the base model's log p of the most likely tokens, which "
                 "an engine in processed_logprobs mode does not report; set proposal to 'base', or serve "
                 "without --logprobs-mode processed_logprobs.", param="proposal")
-        kept = kept_tokens(_proposal_top_k(params), model.vocab_size)
-        if kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
-            raise InvalidRequest(
-                f"The tempered proposal reads more than its K = {kept} most likely tokens at each position "
-                f"(all of them when untruncated), beyond this server's --max-logprobs ({model.max_logprobs}). "
-                f"Set proposal_top_k below {model.max_logprobs}.", param="proposal_top_k")
+        check_alternatives_reported(model, kept_tokens(_proposal_top_k(params), model.vocab_size),
+                                    "The tempered proposal")
 
     async def sample(
         self,
@@ -227,9 +230,7 @@ def _proposal_top_k(params: PowerScalableParams) -> int:
 
 
 def _rescore_budget(decode: DecodeParams, params: PowerScalableParams) -> int:
-    """The most draws one choice rescores, one per decision: a tie past the alternatives read comes
-    about once in ten thousand tokens with bf16 logits (README, power_mcmc), so a run that needs
-    more fails rather than break the cost cap's bound."""
+    """The most draws one choice rescores: one per decision (`RescoreBudget`)."""
     return math.ceil(decode.max_tokens / params.block_size)
 
 
@@ -258,7 +259,7 @@ class _Choice:
         self.top_count = min(params.candidates, model.vocab_size)
         self.alternatives = alternatives_to_read(model, self.kept) if self.tempered else 0
         self.next_top: tuple[TokenLogprob, ...] = ()  # the next decision's most likely tokens, once read
-        self.rescorings = 0
+        self.rescores = RescoreBudget(_rescore_budget(decode, params))
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         for step in range(self.decode.max_tokens):
@@ -348,20 +349,17 @@ class _Choice:
         log_q = [truncated_log_q(lp, alternatives, self.kept, alpha, self.model.vocab_size)
                  for lp, alternatives in zip(draw.logprobs, draw.alternatives)]
         if None in log_q:
-            self.rescorings += 1
-            if self.rescorings > _rescore_budget(self.decode, self.params):
-                raise InvalidRequest("More ties at the proposal's top-k cut than this request's cost bound allows "
-                                     "rescoring; choose another proposal_top_k.", param="proposal_top_k")
+            self.rescores.take()
             log_q = await rescored_log_q(self.model, prefix, draw.token_ids, self.kept, alpha, request_id, self.spend)
         return alpha * sum(draw.logprobs) - sum(log_q)
 
     def _proposal(self, n: int, max_tokens: int, top_count: int) -> DecodeParams:
         """n draws from the proposal, reporting at least `top_count` alternatives per token: p itself
         (temperature 1, untruncated, so logprobs are log p), or p^alpha among the kept tokens."""
-        tempered = self.tempered and self.kept < self.model.vocab_size
+        truncated = self.tempered and self.kept < self.model.vocab_size
         return DecodeParams(max_tokens=max_tokens, n=n, seed=self._seed(),
                             temperature=1.0 / self.params.power_alpha if self.tempered else 1.0,
-                            top_k=self.kept if tempered else 0, logprobs=max(self.alternatives, top_count),
+                            top_k=self.kept if truncated else 0, logprobs=max(self.alternatives, top_count),
                             stop_token_ids=self.decode.stop_token_ids, ignore_eos=self.decode.ignore_eos)
 
     def _record_concentration(self, estimates: list[list[float]]) -> None:

@@ -42,7 +42,14 @@ from samplers.base import (
     check_power_request,
     merge_streams,
 )
-from samplers.one_pass import alternatives_to_read, kept_tokens, rescored_log_q, truncated_log_q
+from samplers.one_pass import (
+    RescoreBudget,
+    alternatives_to_read,
+    check_alternatives_reported,
+    kept_tokens,
+    rescored_log_q,
+    truncated_log_q,
+)
 
 # Most tokens one engine request of a particle decodes. It bounds what a dropped particle may have
 # drawn beyond the check that drops it, and so the cost cap; a continuation reads the prefix cache.
@@ -149,11 +156,7 @@ class PowerSMCSampler(Sampler):
                 "engine in processed_logprobs mode does not report; serve without --logprobs-mode "
                 "processed_logprobs.", param="sampler")
         kept = kept_tokens(params.proposal_top_k, model.vocab_size)
-        if kept >= model.max_logprobs and model.vocab_size > model.max_logprobs:
-            raise InvalidRequest(
-                f"power_smc reads more than its K = {kept} most likely tokens at each position (all of "
-                f"them when untruncated), beyond this server's --max-logprobs ({model.max_logprobs}). "
-                f"Set proposal_top_k below {model.max_logprobs}.", param="proposal_top_k")
+        check_alternatives_reported(model, kept, "power_smc")
 
     async def sample(
         self,
@@ -174,9 +177,7 @@ class PowerSMCSampler(Sampler):
 
 
 def _rescore_budget(decode: DecodeParams, params: PowerSMCParams) -> int:
-    """The most ties one run rescores: one per particle and CHUNK. An unresolved tie comes about
-    once in ten thousand tokens with bf16 logits (README, power_mcmc), so a run that needs more
-    fails rather than break the cost cap's bound."""
+    """The most ties one run rescores: one per particle and CHUNK (`RescoreBudget`)."""
     return params.particles * math.ceil(decode.max_tokens / CHUNK)
 
 
@@ -199,7 +200,7 @@ class _Population:
         self.changed = asyncio.Condition()
         self.checked = 0  # tokens whose weights have been taken into account
         self.lines = 0
-        self.rescorings = 0
+        self.rescores = RescoreBudget(_rescore_budget(decode, params))
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         particles = [self._start(_Particle(self._line())) for _ in range(self.params.particles)]
@@ -315,11 +316,7 @@ class _Population:
                         log_q = truncated_log_q(token.logprob, [a.logprob for a in token.top], self.kept,
                                                 exponent, self.model.vocab_size)
                         if log_q is None:
-                            self.rescorings += 1
-                            if self.rescorings > _rescore_budget(self.decode, self.params):
-                                raise InvalidRequest(
-                                    "More ties at the proposal's top-k cut than this request's cost bound "
-                                    "allows rescoring; choose another proposal_top_k.", param="proposal_top_k")
+                            self.rescores.take()
                             [log_q] = await rescored_log_q(self.model, self.prompt + particle.tokens,
                                                            [token.token_id], self.kept, exponent,
                                                            request_id, self.spend)
