@@ -47,13 +47,8 @@ from samplers.base import (
     check_power_request,
     complete,
 )
-from samplers.one_pass import (
-    alternatives_to_read,
-    check_alternatives_reported,
-    kept_tokens,
-    rescored_log_q,
-    truncated_log_q,
-)
+from samplers.one_pass import (alternatives_to_read, check_alternatives_reported, kept_tokens, rescored_log_q,
+                               truncated_log_q)
 
 
 class PowerMCMCParams(BaseModel):

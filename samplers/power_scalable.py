@@ -49,14 +49,8 @@ from samplers.base import (
     complete,
     merge_streams,
 )
-from samplers.one_pass import (
-    RescoreBudget,
-    alternatives_to_read,
-    check_alternatives_reported,
-    kept_tokens,
-    rescored_log_q,
-    truncated_log_q,
-)
+from samplers.one_pass import (RescoreBudget, alternatives_to_read, check_alternatives_reported, kept_tokens,
+                               rescored_log_q, truncated_log_q)
 
 
 class PowerScalableParams(BaseModel):

@@ -42,14 +42,8 @@ from samplers.base import (
     check_power_request,
     merge_streams,
 )
-from samplers.one_pass import (
-    RescoreBudget,
-    alternatives_to_read,
-    check_alternatives_reported,
-    kept_tokens,
-    rescored_log_q,
-    truncated_log_q,
-)
+from samplers.one_pass import (RescoreBudget, alternatives_to_read, check_alternatives_reported, kept_tokens,
+                               rescored_log_q, truncated_log_q)
 
 # Most tokens one engine request of a particle decodes. It bounds what a dropped particle may have
 # drawn beyond the check that drops it, and so the cost cap; a continuation reads the prefix cache.
