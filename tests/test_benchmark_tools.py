@@ -86,6 +86,7 @@ def test_load_generator_survives_keep_alives(live_server, tmp_path):
     assert point["median_e2el_ms"] > 5000  # long enough to have carried a keep-alive
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("args, message", [
     (["run", "--sampler", "power_scalable:{bad"], "must be a JSON object"),
     (["run", "--duration", "5"], "--duration needs --request-rate"),
@@ -180,6 +181,7 @@ def test_frontier_interleaves_rounds_keeps_to_its_budget_and_resumes(live_server
     assert "| direct |" in output.with_suffix(".md").read_text()
 
 
+@pytest.mark.fast
 def test_frontier_statistics_on_hand_computed_numbers():
     from benchmarks.frontier import pareto_front, wilson
 
@@ -193,6 +195,7 @@ def test_frontier_statistics_on_hand_computed_numbers():
     assert pareto_front(points) == ["b", "c", "e"]
 
 
+@pytest.mark.fast
 def test_frontier_bad_arguments_get_a_clear_message(tmp_path):
     done = tool("frontier", "--sampler", "direct", "--reference", "nosuch", "--output", str(tmp_path / "f.json"))
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # hadolint and docker-compose come with the test extra

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
+
 
 def chosen_dtype(**env: str) -> str:
     """What `cpu_dtype` answers in a fresh interpreter (PyTorch reads ATEN_CPU_CAPABILITY at import)."""

@@ -6,6 +6,8 @@ import pytest
 
 from samplers.power_mcmc import Segment, log_acceptance
 
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
+
 EOS = 2
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from samplers.power_scalable import candidate_probabilities, zeta_concentration
 
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
+
 LOG = np.log
 
 

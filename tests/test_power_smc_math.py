@@ -8,6 +8,8 @@ import pytest
 
 from samplers.power_smc import _common_prefix, _Particle, log_ess, multinomial_counts, normalised, systematic_counts
 
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
+
 
 def test_systematic_counts_on_hand_computed_points():
     # N w = (0.4, 0.8, 1.2, 1.6), edges 0.4, 1.2, 2.4, 4.0.

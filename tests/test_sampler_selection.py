@@ -7,6 +7,8 @@ from server import protocol as p
 from server.errors import APIError
 from server.serving import EngineState, resolve_sampler
 
+pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
+
 STATE = EngineState(served_name="m", root="/models/m", adapters={"tuned": "/adapters/tuned"})
 
 
