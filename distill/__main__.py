@@ -7,7 +7,7 @@ Stages (default `all`, which runs them in order; each can also run alone):
            way), and the base model with it merged in -> WORKDIR/RUN/merged. RUN is --run, by
            default the method's name. Methods:
              sft          fine-tune on the teacher's samples (offline power self-distillation)
-             self-reward  GRPO with reward log p_base(y) and KL weight 1/(alpha - 1) to the base
+             self-reward  GRPO with reward alpha log p_base(y) - log pi(y), maximised by p^alpha
              opd          on-policy distillation: per-token reward --opd-reward (power or
                           log-ratio) from --opd-teacher (power_scalable[:{json}] or a model directory)
   report   base direct vs power sampler vs every trained RUN on held-out GSM8K questions

@@ -1,12 +1,12 @@
 """The train stage: a LoRA adapter that decodes like the power distribution, by one of three methods.
 
-- `sft` (default), the offline surrogate of power self-distillation (README, distill):
+- `sft` (default), the offline surrogate of power self-distillation (docs/distillation.md):
   maximum likelihood of the teacher stage's samples given their prompts, i.e. forward KL to
   pi_alpha, with the loss on completion tokens only. The examples are the exact token ids the
   teacher sampled (no re-tokenising), trained with TRL's SFTTrainer.
 - `self-reward` and `opd`: on-policy, on the prompts themselves, with TRL's GRPOTrainer
-  (distill/onpolicy.py): KL-regularised RL on the base model's log-likelihood, and on-policy
-  distillation from a teacher.
+  (distill/onpolicy.py): RL on the reward alpha log p_base(y) - log pi(y), whose optimum is
+  exactly p_base^alpha, and on-policy distillation from a teacher.
 Every method trains a PEFT LoRA adapter on every linear layer of the base model, in WORKDIR/RUN
 (RUN defaults to the method's name). Checkpoints go to RUN/checkpoints every --save-steps steps and
 a rerun resumes from the last one; the finished adapter is RUN/adapter, which
@@ -36,14 +36,22 @@ OPD_REWARDS = ("power", "log-ratio")
 METHOD_FIELDS = {"sft": (), "self-reward": ("generations", "power_alpha"),
                  "opd": ("generations", "power_alpha", "opd_reward", "opd_exponent", "opd_teacher")}
 # What a step's log keeps: the loss and gradient norm of every method, and the on-policy methods'
-# self-reward, KL to the base model (GRPO's k3 `kl` and our `kl_to_base`), and distillation reward.
-LOGGED = ("loss", "grad_norm", "reward", "kl_to_base", "kl", "token_reward")
+# self-reward, KL to the base model, self-reward RL's objective and the distillation reward.
+LOGGED = ("loss", "grad_norm", "reward", "kl_to_base", "objective", "token_reward")
+# What each method's gradient steps follow (distill/onpolicy.py for the on-policy two), in train.json.
+OBJECTIVES = {
+    "sft": "maximum likelihood of the teacher's samples: forward KL to the teacher's law",
+    "self-reward": "E_pi[alpha log p_base(y) - log pi(y)], maximised by p_base^alpha: REINFORCE on that "
+                   "sequence reward with the group's mean as baseline, no KL term",
+    "opd": "per-token REINFORCE on the teacher's reward (--opd-reward), maximised by the teacher's "
+           "per-token law",
+}
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     method: str = "sft"
-    # The paper's setup: LoRA r = 16, lora_alpha = 32, 3 epochs (README, distill).
+    # The paper's setup: LoRA r = 16, lora_alpha = 32, 3 epochs (docs/distillation.md).
     epochs: float = 3.0
     rank: int = 16
     lora_alpha: int = 32
@@ -51,12 +59,12 @@ class TrainSettings:
     batch_size: int = 8
     save_steps: int = 20
     seed: int = 0
-    # On-policy methods: completions per prompt (GRPO's group), and the target's alpha: the KL
-    # weight beta = 1/(alpha - 1) of self-reward, and the power_scalable teacher's exponent.
+    # On-policy methods: completions per prompt (GRPO's group), and the target's alpha: self-reward's
+    # target p^alpha, and the power_scalable teacher's exponent.
     generations: int = 4
     power_alpha: float = 4.0
     opd_reward: str = "power"
-    opd_exponent: float = 5.0  # PowerOPD's a, as in its scripts (README, distill)
+    opd_exponent: float = 5.0  # PowerOPD's a, as in its scripts (docs/distillation.md)
     opd_teacher: str = "power_scalable"  # or power_scalable:{json}, or a model directory
 
     def __post_init__(self) -> None:
@@ -71,7 +79,7 @@ class TrainSettings:
                 raise UsageError(f"--{name.replace('_', '-')} must be {'at least 0' if name == 'seed' else 'positive'}, "
                                  f"not {value}")
         if self.power_alpha <= 1:
-            raise UsageError(f"--power-alpha must exceed 1 (beta = 1/(alpha - 1)), not {self.power_alpha}")
+            raise UsageError(f"--power-alpha must exceed 1 (p^alpha sharpens p only then), not {self.power_alpha}")
         if self.method == "opd":
             from distill.onpolicy import parse_teacher
 
@@ -100,8 +108,8 @@ def train(workdir: Path, run: str, base_model: Path, settings: TrainSettings, pr
         data = {"examples": len(samples)}
     else:
         samples, data = None, {k: v for k, v in prompts.items() if k != "texts"}
-    # What an adapter or a checkpoint was made from: these settings on this data.
-    made_from = settings.relevant() | data
+    # What an adapter or a checkpoint was made from: these settings on this data, by this objective.
+    made_from = settings.relevant() | data | {"objective": OBJECTIVES[settings.method]}
     adapter, summary_path = run_dir / ADAPTER, run_dir / SUMMARY
     if (adapter / "adapter_config.json").is_file() and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -140,8 +148,6 @@ def train(workdir: Path, run: str, base_model: Path, settings: TrainSettings, pr
                "log": log}
     if samples:
         summary["completion_tokens"] = sum(len(s["token_ids"]) for s in samples)
-    if settings.method == "self-reward":
-        summary["grpo_beta"] = kl_weight(settings)
     summary_path.write_text(json.dumps(summary, indent=2))
     logger.info("Adapter written to %s (%d steps, loss %s -> %s)", adapter, result.global_step,
                 summary["first_loss"], summary["final_loss"])
@@ -186,46 +192,47 @@ def sft_trainer(samples: list[dict], checkpoints: Path, base_model: Path, settin
                       train_dataset=Dataset.from_list(list(teacher.iter_training_examples(samples))))
 
 
-def kl_weight(settings: TrainSettings) -> float:
-    """GRPO's beta for the self-reward objective's KL weight 1/(alpha - 1), given its baseline."""
-    return (settings.generations - 1) / settings.generations / (settings.power_alpha - 1)
-
-
 def onpolicy_trainer(prompts: dict, checkpoints: Path, base_model: Path, settings: TrainSettings,
                      teacher_enforce_eager: bool):
     """The GRPO trainer of an on-policy method, and what closes its teacher's engine (or None)."""
+    from distill import onpolicy
+
+    if settings.method == "self-reward":
+        return grpo_trainer(prompts, checkpoints, base_model, settings), None
+    engine, opd_teacher = onpolicy.open_teacher(settings.opd_teacher, base_model, settings.power_alpha,
+                                                teacher_enforce_eager)
+    try:
+        return grpo_trainer(prompts, checkpoints, base_model, settings, opd_teacher), engine.close
+    except BaseException:
+        engine.close()
+        raise
+
+
+def grpo_trainer(prompts: dict, checkpoints: Path, base_model: Path, settings: TrainSettings, teacher=None):
+    """The GRPO trainer of self-reward RL, or of on-policy distillation from `teacher` (an object
+    with distill/onpolicy.py's teachers' `token_logps`)."""
     from datasets import Dataset
     from trl import GRPOConfig
 
     from distill import onpolicy
 
     model, tokenizer = base_and_tokenizer(base_model)
-    self_reward = settings.method == "self-reward"
     config = GRPOConfig(
         **common_arguments(checkpoints, settings), num_generations=settings.generations,
         max_completion_length=prompts["max_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-        # Self-reward: beta = 1/(alpha - 1) (README, distill), against the base model (the
-        # adapter switched off), times (G - 1)/G: the group-mean baseline scales the reward's
-        # gradient by that much and not the KL's (distill/onpolicy.py). Distillation: no KL term;
-        # the teacher's reward is the whole signal.
-        beta=kl_weight(settings) if self_reward else 0.0,
-        # No division by the group's reward spread, which would rescale beta's weight each step;
-        # losses summed over tokens and divided by a constant, so that long completions weigh as
-        # their log-likelihood does (GRPO's per-sequence mean would not).
+        # No KL term: self-reward's entropy term is in its reward, and distillation's whole signal
+        # is the teacher's reward (distill/onpolicy.py).
+        beta=0.0,
+        # TRL's advantages (rewards centred, not divided by the group's spread) are replaced by the
+        # trainer; losses summed over tokens and divided by a constant, so that long completions
+        # weigh as their log-likelihood does (GRPO's per-sequence mean would not).
         scale_rewards="none", loss_type="dr_grpo", log_completions=False)
-    engine, opd_teacher = (None, None) if self_reward else onpolicy.open_teacher(
-        settings.opd_teacher, base_model, settings.power_alpha, teacher_enforce_eager)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in prompts["texts"]])
-    try:
-        trainer = onpolicy.trainer_class()(
-            model=model, args=config, processing_class=tokenizer, peft_config=lora_config(settings),
-            reward_funcs=[onpolicy.SelfReward(base_model, tokenizer)], train_dataset=dataset,
-            teacher=opd_teacher, reward_kind=settings.opd_reward, exponent=settings.opd_exponent)
-    except BaseException:
-        if engine:
-            engine.close()
-        raise
-    return trainer, engine.close if engine else None
+    return onpolicy.trainer_class()(
+        model=model, args=config, processing_class=tokenizer, peft_config=lora_config(settings),
+        reward_funcs=[onpolicy.SelfReward(base_model, tokenizer)], train_dataset=dataset,
+        power_alpha=settings.power_alpha if settings.method == "self-reward" else None,
+        teacher=teacher, reward_kind=settings.opd_reward, exponent=settings.opd_exponent)
 
 
 def merge(run_dir: Path, base_model: Path) -> None:

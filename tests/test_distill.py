@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks.quality import read_records
-from distill import teacher
+from distill import teacher, train
 from tests import tiny_models
 from tests.conftest import API_KEY, MODEL
 from tests.test_distilled import save_lora
@@ -145,17 +145,21 @@ def test_rerun_redoes_nothing(miniature, model_dir):
     assert_clear_failure(other, "was trained with other settings or data")
 
 
-@pytest.mark.parametrize("run, own_metric", [("self-reward", "kl"), ("opd", "token_reward")])
+@pytest.mark.parametrize("run, own_metric", [("self-reward", "objective"), ("opd", "token_reward")])
 def test_on_policy_runs_log_reward_kl_gradient_norm_and_loss_every_step(miniature, run, own_metric):
-    """`kl` is GRPO's k3 estimate in the self-reward loss, `token_reward` the distillation reward."""
+    """`objective` is self-reward's alpha log p_base(y) - log pi(y), `token_reward` the distillation reward."""
     summary = json.loads((miniature / run / "train.json").read_text())
     assert summary["method"] == run and summary["steps"] == 2
-    if run == "self-reward":  # beta = 1/(alpha - 1) = 1/3, times (G - 1)/G = 1/2 for GRPO's baseline
-        assert summary["grpo_beta"] == pytest.approx(1 / 6)
+    assert summary["settings"]["objective"] == train.OBJECTIVES[run]
     assert [entry["step"] for entry in summary["log"]] == [1, 2]
     for entry in summary["log"]:
         assert {"loss", "grad_norm", "reward", "kl_to_base", own_metric} <= set(entry)
+        assert "kl" not in entry  # GRPO's KL term is off
         assert entry["reward"] < 0  # the base model's log-likelihood of the completions
+    if run == "self-reward":  # before the first update pi = p, so the objective is (alpha - 1) log p
+        first = summary["log"][0]
+        assert first["objective"] == pytest.approx((summary["settings"]["power_alpha"] - 1) * first["reward"],
+                                                   rel=1e-3)
     # Before the first update the adapter is zero (LoRA's B starts at 0): the policy is the base model.
     assert summary["log"][0]["kl_to_base"] == 0 and summary["log"][1]["kl_to_base"] != 0
     assert sorted(p.name for p in (miniature / run / "checkpoints").glob("checkpoint-*")) == [

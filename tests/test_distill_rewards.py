@@ -9,22 +9,24 @@ import torch
 
 from distill import rewards
 from distill.onpolicy import ModelTeacher, PowerTeacher, SelfReward
-from distill.train import TrainSettings, kl_weight
 from samplers.power_scalable import PowerScalableParams
 from tests import tiny_models
 
 
+@pytest.mark.fast
 def test_log_ratio_by_hand():
     teacher, student = torch.tensor([math.log(0.5), math.log(0.1)]), torch.tensor([math.log(0.25), math.log(0.4)])
     assert rewards.log_ratio(teacher, student).tolist() == pytest.approx([math.log(2), math.log(0.25)])
 
 
+@pytest.mark.fast
 def test_log_ratio_floors_a_teacher_probability_of_zero():
     """power_scalable's teacher gives 0 outside its candidates: the log-ratio would be -inf."""
     reward = rewards.log_ratio(torch.tensor([-math.inf]), torch.tensor([math.log(0.5)]))
     assert reward.item() == pytest.approx(math.log(rewards.TEACHER_PROBABILITY_FLOOR / 0.5))
 
 
+@pytest.mark.fast
 def test_power_reward_by_hand():
     teacher, student = torch.tensor([math.log(0.5), -math.inf]), torch.tensor([math.log(0.25), math.log(0.9)])
     # 0.5^2 - 0.25^2 = 0.1875; 0^2 - 0.9^2 = -0.81
@@ -33,6 +35,7 @@ def test_power_reward_by_hand():
     assert rewards.token_rewards("log-ratio", 2.0, teacher[:1], student[:1]).tolist() == pytest.approx([math.log(2)])
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("exponent", [1e-3, 0.5, 1.0, 5.0, 50.0])
 def test_power_reward_stays_within_minus_one_and_one(exponent):
     generator = torch.Generator().manual_seed(0)
@@ -43,6 +46,7 @@ def test_power_reward_stays_within_minus_one_and_one(exponent):
     assert reward[:3].tolist() == [1.0, -1.0, 0.0]
 
 
+@pytest.mark.fast
 def test_power_reward_over_its_exponent_tends_to_the_log_ratio():
     """(p_T^a - p_S^a)/a = log p_T - log p_S + (a/2)(log^2 p_T - log^2 p_S) + O(a^2): the error
     shrinks in proportion to a, and at a = 1e-6 it is below 1e-4 for log p down to -10."""
@@ -52,12 +56,6 @@ def test_power_reward_over_its_exponent_tends_to_the_log_ratio():
     errors = [(rewards.power(teacher, student, a) / a - exact).abs().max().item() for a in (1e-2, 1e-4, 1e-6)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
     assert errors[1] == pytest.approx(errors[0] / 100, rel=0.05)
-
-
-def test_self_reward_kl_weight_allows_for_grpos_baseline():
-    """beta = 1/(alpha - 1), times (G - 1)/G for the group-mean baseline: alpha 4, G 4 -> 1/3 * 3/4."""
-    assert kl_weight(TrainSettings(method="self-reward", power_alpha=4.0, generations=4)) == pytest.approx(0.25)
-    assert kl_weight(TrainSettings(method="self-reward", power_alpha=2.0, generations=2)) == pytest.approx(0.5)
 
 
 def test_self_reward_is_the_base_models_log_likelihood_of_the_completion(model_dir):

@@ -74,13 +74,17 @@ def next_token_logprobs(directory: Path, prompt: list[int], max_tokens: int) -> 
     """log p(. | prompt + prefix) in float64, for every prefix a completion can have."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float64)
+    return next_token_table(LlamaForCausalLM.from_pretrained(directory, dtype=torch.float64), prompt, max_tokens)
+
+
+def next_token_table(model, prompt: list[int], max_tokens: int) -> dict[tuple, np.ndarray]:
+    """next_token_logprobs of a loaded causal LM (in its own dtype, the result in float64)."""
     others = [t for t in VOCAB.values() if t != EOS]
     table = {}
     with torch.no_grad():
         for n in range(max_tokens):
             for prefix in itertools.product(others, repeat=n):
-                logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1]
+                logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1].double()
                 table[prefix] = torch.log_softmax(logits, dim=-1).numpy()
     return table
 
@@ -141,7 +145,7 @@ def noise_bound(law: dict, samples: int, failure_probability: float) -> float:
 def mcmc_distribution(table: dict, max_tokens: int, alpha: float, steps: int,
                       proposal_temperature: float = 1.0, length_term: bool = True, top_k: int = 0,
                       assumed_log_q=None) -> dict:
-    """The exact law of a one-block chain after `steps` steps (README, power_mcmc).
+    """The exact law of a one-block chain after `steps` steps (docs/samplers.md, power_mcmc).
 
     It starts from a proposal draw (at `proposal_temperature`, cut to `top_k`) and each step
     resamples from a uniform index m. With `length_term=False` it is the published code's chain,
@@ -198,7 +202,7 @@ def smc_distribution(table: dict, max_tokens: int, alpha: float, particles: int,
             drawn = rng.choice(len(row), size=int(here.sum()), p=np.exp(row - log_z))
             tokens[here, t] = drawn
             ended[here] = drawn == EOS
-            log_w[here] += log_z  # the incremental weight Z_t of the README's power_smc
+            log_w[here] += log_z  # the incremental weight Z_t of power_smc in docs/samplers.md
         if t + 1 == max_tokens:
             break
         w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
