@@ -202,7 +202,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def table(report: dict) -> str:
-    """The README's table: one row per setting, best self-reward first."""
+    """The table in docs/benchmarks.md: one row per setting, best self-reward first."""
     def ci(pair: list[float], digits: int) -> str:
         return f"{pair[0]:.{digits}f} to {pair[1]:.{digits}f}"
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=sorted(quality.DATASETS), default="gsm8k")
     parser.add_argument("--sampler", dest="samplers", type=parse_sampler, action="append",
                         help="NAME or NAME:{json request fields}, repeatable; a `model` field names a distilled "
-                             "model (default: the settings in the README's frontier table)")
+                             "model (default: the settings in docs/benchmarks.md)")
     parser.add_argument("--reference", help="the setting whose wall-clock the others are divided by "
                                             f"(default: the first; `{REFERENCE}` with the default settings)")
     parser.add_argument("--questions", type=positive,

@@ -1,4 +1,4 @@
-"""Per-token rewards of on-policy distillation (README, distill).
+"""Per-token rewards of on-policy distillation (docs/distillation.md).
 
 Both score the student's own token y_t from the teacher's and the student's log-probabilities of it.
 The student ascends E[sum_t r_t] with the REINFORCE loss -(r_t.detach() * log p_S(y_t)).

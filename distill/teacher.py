@@ -74,7 +74,7 @@ def draw(client, model: str, prompts: list[str], todo: list[int], settings: dict
         return {"index": index, "prompt": prompts[index], "completion": choice.message.content,
                 "prompt_token_ids": r.prompt_token_ids, "token_ids": choice.token_ids,
                 # A power sampler reports each token's log p under the base model: their sum is
-                # the sample's self-reward, log p(y|x) (README, distill).
+                # the sample's self-reward, log p(y|x) (docs/distillation.md).
                 "base_logp": sum(t.logprob for t in choice.logprobs.content),
                 "finish_reason": choice.finish_reason, "latency_s": time.perf_counter() - start,
                 "sampler_usage": getattr(r, "sampler_usage", None), "settings": settings}

@@ -1,4 +1,4 @@
-"""The one-pass proposal's densities, shared by power_mcmc and power_smc (README, power_mcmc,
+"""The one-pass proposal's densities, shared by power_mcmc and power_smc (docs/samplers.md, power_mcmc,
 "the one-pass proposal", and power_smc).
 
 A token drawn with probability proportional to p^exponent among the K most likely tokens at its
@@ -64,7 +64,7 @@ def alternatives_to_read(model: LanguageModel, kept: int) -> int:
     """Alternatives to read per position: twice K as the engine allows, so that a tie at the K-th
     value is almost always seen to its end (`truncated_log_q`); as many as it allows where a wider
     tie cannot be rescored (bf16 logits tied past 2K = 32 alternatives once in 160 proposals of
-    the README's power_mcmc benchmark)."""
+    the power_mcmc benchmarks in docs/benchmarks.md)."""
     wanted = 2 * kept if model.can_score else model.vocab_size
     return min(wanted, model.vocab_size, model.max_logprobs)
 

@@ -1,4 +1,4 @@
-"""`power_mcmc`: block-wise Metropolis-Hastings towards p(y|x)^alpha (README, power_mcmc).
+"""`power_mcmc`: block-wise Metropolis-Hastings towards p(y|x)^alpha (docs/samplers.md, power_mcmc).
 
 Karan & Du (arXiv 2510.14901). The chain's state is a whole completion with its per-token log p
 (base model, temperature 1) and log q (the proposal actually sampled from). Each step resamples a
@@ -16,7 +16,7 @@ and its suffix was drawn after the prefix that y has at that index; otherwise th
 length changed) or the suffix is drawn again first. What decides this is the chain's past, never the
 draw's own outcome, and each draw is independent of that past given the prefix it was conditioned
 on, so the index is uniform and the suffix follows q given y's prefix, exactly as when drawn at the
-step itself (README, power_mcmc, "look-ahead").
+step itself (docs/samplers.md, power_mcmc, "look-ahead").
 
 The proposal draws each token at `proposal_temperature` among the `proposal_top_k` most likely
 tokens. Its log p and log q come from one of three paths (`Spend.proposal`):
@@ -95,7 +95,7 @@ class Segment:
 
 
 def log_acceptance(alpha: float, current: Segment, proposal: Segment, m: int) -> float:
-    """log A for replacing current[m:] by `proposal` (README, power_mcmc).
+    """log A for replacing current[m:] by `proposal` (docs/samplers.md, power_mcmc).
 
     alpha * (log p(z) - log p(y_>=m)) + (log q(y_>=m) - log q(z)) + log(L / L'), where the last
     term is the ratio of the index-choice probabilities: 1/L' for the way back, 1/L for the way in.
@@ -116,7 +116,7 @@ class PowerMCMCSampler(Sampler):
 
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: PowerMCMCParams) -> int:
         # Each stage extends a chain to its length limit, then each step redraws at most that limit
-        # (README, power_mcmc). Unless q = p a proposal may be scored, prefix included: every
+        # (docs/samplers.md, power_mcmc). Unless q = p a proposal may be scored, prefix included: every
         # one on the "scored" path, those with an unresolved tie on the "one_pass" path.
         limits = _stage_limits(decode.max_tokens, params)
         draws = _draws_per_stage(params)
@@ -197,7 +197,7 @@ def _draws_per_stage(params: PowerMCMCParams) -> int:
 
 @dataclass
 class _Slot:
-    """An upcoming step of a chain (README, power_mcmc, "look-ahead"): its index, the chain's
+    """An upcoming step of a chain (docs/samplers.md, power_mcmc, "look-ahead"): its index, the chain's
     length when that index was drawn, and the proposal drawn ahead for it, if any, with the prefix
     that proposal follows."""
 
@@ -279,7 +279,7 @@ class _ChainRun:
 
     def _look_ahead(self, chain: Segment, window: _Window, limit: int, steps_left: int) -> None:
         """Bring the chain's next `lookahead` steps (at most `steps_left`) up to date with the chain
-        as it is now (README, power_mcmc, "look-ahead"): an index drawn for another length is drawn
+        as it is now (docs/samplers.md, power_mcmc, "look-ahead"): an index drawn for another length is drawn
         again, and a proposal whose prefix has changed is discarded, its index kept. Then the next
         step gets a proposal if it has none, and the later ones while the stage's budget of draws
         (two per step) still leaves one for every remaining step should all held ahead be

@@ -1,4 +1,4 @@
-"""`power_scalable`: autoregressive power sampling with Monte Carlo lookahead (README, power_scalable).
+"""`power_scalable`: autoregressive power sampling with Monte Carlo lookahead (docs/samplers.md, power_scalable).
 
 Ji, Tutunov, Zimmer & Bou Ammar (arXiv 2601.21590). The power distribution's next-step conditional is
 p(c)^alpha * zeta(c), where zeta(c) = sum over futures s of p(s | c)^alpha is the quality of c's
@@ -94,7 +94,7 @@ DEGENERATE_SHARE = 0.9
 
 
 def candidate_probabilities(log_base: np.ndarray, terms: np.ndarray, jackknife: bool) -> np.ndarray:
-    """The probability of committing each of K candidates (README, power_scalable).
+    """The probability of committing each of K candidates (docs/samplers.md, power_scalable).
 
     `log_base[..., k]` is the log of candidate k's own weight (alpha * log p(c) at token level) and
     `terms[..., k, r]` the log weight of rollout r after it: log p(s)^alpha / q(s) (0 where nothing
@@ -141,7 +141,7 @@ class PowerScalableSampler(Sampler):
                           params: PowerScalableParams) -> int:
         # Per decision: L candidate blocks (one probe token in all at token level, which later reads
         # its candidates from rollouts), then M rollouts of at most H tokens after each of the K
-        # candidates (README, power_scalable); every decision commits at least a token, a whole block
+        # candidates (docs/samplers.md, power_scalable); every decision commits at least a token, a whole block
         # unless the completion ends. A tempered proposal may rescore one draw per decision.
         total, remaining = 1 if params.block_size == 1 else 0, decode.max_tokens
         while remaining > 0:
@@ -203,7 +203,7 @@ class PowerScalableSampler(Sampler):
 async def next_token_law(model: LanguageModel, prefix: list[int], remaining: int, params: PowerScalableParams,
                          request_id: str, seed: int | None = None) -> dict[int, float]:
     """power_scalable's token-level estimate of the power distribution's next-token conditional after
-    `prefix`, p(c)^alpha * zeta(c) normalised over its K candidates (README, power_scalable), as
+    `prefix`, p(c)^alpha * zeta(c) normalised over its K candidates (docs/samplers.md, power_scalable), as
     {token: probability}; every other token has probability 0. `remaining` is what is left of the
     completion's budget, which caps the rollouts. Only the token level (block_size 1) has one."""
     if params.block_size != 1:
@@ -312,7 +312,7 @@ class _Choice:
             distinct.setdefault(key, draw)
         kept = sorted(distinct, key=lambda key: sum(distinct[key].logprobs), reverse=True)[:self.params.candidates]
         # A block drawn k times weighs k times its importance weight; the paper's 'power' weighting
-        # multiplies in p once more (README, power_scalable).
+        # multiplies in p once more (docs/samplers.md, power_scalable).
         power = self.params.block_weighting == "power"
         log_weights = [await self._log_weight(prefix, distinct[key], f"{request_id}-{i}")
                        + (sum(distinct[key].logprobs) if power else 0.0) for i, key in enumerate(kept)]
@@ -336,7 +336,7 @@ class _Choice:
 
     async def _log_weight(self, prefix: list[int], draw: Completion, request_id: str) -> float:
         """log p(s)^alpha / q(s) of a draw from the proposal: (alpha - 1) log p(s) for the base one, the
-        sum of its tokens' log Z_t for the tempered one (README, power_scalable)."""
+        sum of its tokens' log Z_t for the tempered one (docs/samplers.md, power_scalable)."""
         alpha = self.params.power_alpha
         if not self.tempered:
             return (alpha - 1.0) * sum(draw.logprobs)
@@ -359,7 +359,7 @@ class _Choice:
     def _record_concentration(self, estimates: list[list[float]]) -> None:
         """How spread each zeta_hat of this decision was: its rollouts' effective sample size (the
         mean over candidates goes to `rollout_ess`) and whether one rollout carried more than
-        DEGENERATE_SHARE of it (README, power_scalable, diagnostics)."""
+        DEGENERATE_SHARE of it (docs/samplers.md, power_scalable, diagnostics)."""
         if not estimates:
             return
         ess, largest = zeta_concentration(np.array(estimates))

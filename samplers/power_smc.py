@@ -1,4 +1,4 @@
-"""`power_smc`: sequential Monte Carlo towards p(y|x)^alpha (README, power_smc).
+"""`power_smc`: sequential Monte Carlo towards p(y|x)^alpha (docs/samplers.md, power_smc).
 
 After Power-SMC (arXiv 2602.10273). N particles grow token by token from the proposal
 q(v | y_<t) proportional to p(v | y_<t)^alpha among the K most likely tokens. The target of the
@@ -71,7 +71,7 @@ class PowerSMCParams(BaseModel):
 
 
 def log_ess(log_weights: list[float]) -> float:
-    """log of the effective sample size (sum w)^2 / sum w^2 (README, power_smc)."""
+    """log of the effective sample size (sum w)^2 / sum w^2 (docs/samplers.md, power_smc)."""
     top = max(log_weights)
     total = sum(math.exp(w - top) for w in log_weights)
     squares = sum(math.exp(2 * (w - top)) for w in log_weights)
@@ -136,7 +136,7 @@ class PowerSMCSampler(Sampler):
     def max_engine_tokens(self, prompt_length: int, decode: DecodeParams, params: PowerSMCParams) -> int:
         # N particles decode at most max_tokens each; each resampling after a check drops at most
         # N - 1, each of which may have drawn up to a CHUNK beyond the check; a run rescores at
-        # most `_rescore_budget` ties, each a prefill of prompt and particle (README, power_smc).
+        # most `_rescore_budget` ties, each a prefill of prompt and particle (docs/samplers.md, power_smc).
         checks = math.ceil(decode.max_tokens / params.resample_every) - 1
         dropped = (params.particles - 1) * checks * min(CHUNK, decode.max_tokens)
         rescored = _rescore_budget(decode, params) * (prompt_length + decode.max_tokens)
@@ -316,7 +316,7 @@ class _Population:
                                                            request_id, self.spend)
                         particle.tokens.append(token.token_id)
                         particle.logp.append(token.logprob)
-                        particle.log_z.append(exponent * token.logprob - log_q)  # log Z_t (README, power_smc)
+                        particle.log_z.append(exponent * token.logprob - log_q)  # log Z_t (docs/samplers.md, power_smc)
                     if delta.finish_reason == "stop":
                         particle.ended, particle.stop_reason = True, delta.stop_reason
                 async with self.changed:

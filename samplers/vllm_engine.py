@@ -26,7 +26,7 @@ from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, Spend, Toke
 CPU_KV_CACHE_BYTES = 2 << 30
 # vLLM's CPU KV blocks hold 128 tokens, and the prefix cache shares whole blocks only: at these
 # lengths power samplers' requests then share nothing. 32 is the smallest the CPU attention kernel
-# takes; with it power_mcmc computed 38% fewer engine tokens and ran 8% faster (README,
+# takes; with it power_mcmc computed 38% fewer engine tokens and ran 8% faster (docs/benchmarks.md,
 # "power_mcmc's proposal paths and KV blocks on CPU").
 CPU_KV_BLOCK_SIZE = 32
 PROCESSED_LOGPROBS = "processed_logprobs"
@@ -43,8 +43,8 @@ def cpu_dtype() -> tuple[str, str]:
 
     bf16 pays only where the CPU has bf16 instructions (AVX-512 BF16, or AMX) and PyTorch runs its
     AVX-512 kernels. Elsewhere bf16 is emulated through float32: the embedded model then decodes 8
-    requests at once 1.8x slower and prefills 4.6x slower in bf16 than in float32 (README, "Engine
-    dtype on CPU").
+    requests at once 1.8x slower and prefills 4.6x slower in bf16 than in float32 (docs/benchmarks.md,
+    "Engine dtype on CPU").
     """
     kernels = torch.backends.cpu.get_cpu_capability()
     if torch.cpu._is_avx512_bf16_supported() and kernels.startswith("AVX512"):

@@ -1,7 +1,7 @@
 """How fast a test server decodes, measured on it once, so that tests size the work that must keep
 the engine busy, and their deadlines and client timeouts, from this machine's speed instead of from
-fixed seconds. Machines of this project's kind differ several times in speed (README, "Tests on a
-slower CPU")."""
+fixed seconds. Machines of this project's kind differ several times in speed (docs/testing.md,
+"Tests on a slower CPU")."""
 
 import math
 import statistics
