@@ -5,6 +5,7 @@ directory (bf16 safetensors plus tokenizer and chat template) under a cache outs
 keyed by the GGUF file's hash, and reused afterwards.
 """
 
+import fcntl
 import hashlib
 import importlib.metadata
 import logging
@@ -92,17 +93,20 @@ def prepare() -> Path:
     if (target / "config.json").is_file():
         logger.info("Embedded model ready at %s", target)
         return target
-    logger.info("Converting %s to a Hugging Face directory at %s", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a scratch directory and rename it into place, so that an interrupted conversion
-    # never leaves a half-written model that would be taken as ready.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
-    try:
-        _convert(gguf, scratch)
-        scratch.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # lost a race against another process: fine
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # Processes started at once on a fresh machine (replicas on one cache volume, parallel test
+    # workers) convert once: the others wait on the lock, then find the model there.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            logger.info("Converting %s to a Hugging Face directory at %s", gguf.name, target)
+            # Convert into a scratch directory and rename it into place, so that an interrupted
+            # conversion never leaves a half-written model that would be taken as ready.
+            scratch = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
+            try:
+                _convert(gguf, scratch)
+                scratch.rename(target)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("Embedded model ready at %s", target)
     return target
