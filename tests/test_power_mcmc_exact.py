@@ -24,17 +24,21 @@ from tests import tiny_models as tm
 
 ALPHA = 4.0
 MAX_TOKENS = tm.MAX_TOKENS
-STEPS = 30
+# Steps per chain: a chain's exact law after its steps enters the bound as its bias (assert_matches),
+# so fewer steps cost only margin. Each test takes the fewest at which every wrong law stays more
+# than 2.2 times its bound away (exact laws: base 15 steps, bias 0.004; one pass 20, bias 0.026;
+# the cut and tied models 10, bias 0.05 and 0.08 against wrong laws at 0.76 and 1).
+BASE_STEPS, ONE_PASS_STEPS, FAR_STEPS = 15, 20, 10
 CHAINS = 1024
 FAILURE_PROBABILITY = 1e-4
 
 
-def run_chains(engine, table: dict, chains: int = CHAINS, **fields) -> tuple[dict, Spend]:
-    """`chains` chains of one block with the given sampler fields: the empirical law of their
+def run_chains(engine, table: dict, steps: int, chains: int = CHAINS, **fields) -> tuple[dict, Spend]:
+    """`chains` chains of `steps` steps on one block with the given sampler fields: the empirical law of their
     completions, and one request's spend. Each final state's stored log p, which came from the
     proposal that drew it, is checked against the model's: a suffix used after a prefix other than
     the one it was drawn after would show there."""
-    params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=STEPS, block_size=MAX_TOKENS, **fields)
+    params = PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=steps, block_size=MAX_TOKENS, **fields)
     results = engine.draw(PowerMCMCSampler(), chains, DecodeParams(max_tokens=MAX_TOKENS, logprobs=0), params)
     for deltas, _ in results:
         for delta in deltas:
@@ -47,7 +51,7 @@ def run_chains(engine, table: dict, chains: int = CHAINS, **fields) -> tuple[dic
 
 def assert_matches(empirical: dict, target: dict, chain_law: dict, wrong_laws: list[dict],
                    chains: int = CHAINS) -> None:
-    """TV(empirical, target) within what STEPS steps leave of the start plus sampling noise, and
+    """TV(empirical, target) within what the chain's steps leave of the start plus sampling noise, and
     every wrong law more than twice that far from the target (the test could tell them apart)."""
     bias = tm.total_variation(chain_law, target)
     bound = bias + tm.noise_bound(target, chains, FAILURE_PROBABILITY)
@@ -60,18 +64,18 @@ def assert_matches(empirical: dict, target: dict, chain_law: dict, wrong_laws: l
 def test_chain_matches_exact_power_distribution(tiny_engine, tiny):
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
-    empirical, spend = run_chains(tiny_engine, table, proposal_temperature=1.0, proposal_top_k=0)
-    assert_matches(empirical, target, tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS), [
-        tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, length_term=False),
+    empirical, spend = run_chains(tiny_engine, table, BASE_STEPS, proposal_temperature=1.0, proposal_top_k=0)
+    assert_matches(empirical, target, tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, BASE_STEPS), [
+        tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, BASE_STEPS, length_term=False),
         tm.tempered_distribution(table, MAX_TOKENS, 1.0),
         tm.tempered_distribution(table, MAX_TOKENS, 1 / ALPHA)])
     assert spend.proposal == "base" and spend.scored == 0  # q = p: nothing to score
-    assert spend.events["proposals"] == 64 * STEPS
+    assert spend.events["proposals"] == 64 * BASE_STEPS
     assert 0 < spend.events["accepted"] < spend.events["proposals"]
 
 
 # The one-pass tests draw at proposal temperature 1/2: at 1/alpha this chain needs far more than
-# STEPS steps to forget its start (TV 0.21 left after 30, against 0.008 at 1/2).
+# ONE_PASS_STEPS steps to forget its start (TV 0.21 left after 30, against 0.008 at 1/2).
 PROPOSAL_TEMPERATURE = 0.5
 # A second model, for the cut to the top 2: there p^alpha cut to each position's top 2 is far
 # from p^alpha (TV 0.76), so the test can tell the two targets apart.
@@ -90,8 +94,9 @@ def test_one_pass_proposal_matches_power_distribution(tiny_engine, tiny):
     reports) targets p^alpha with log q from the pass itself: nothing is scored."""
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
-    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE)
-    empirical, spend = run_chains(tiny_engine, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE)
+    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, ONE_PASS_STEPS, PROPOSAL_TEMPERATURE)
+    empirical, spend = run_chains(tiny_engine, table, ONE_PASS_STEPS, proposal_top_k=0,
+                                  proposal_temperature=PROPOSAL_TEMPERATURE)
     assert_matches(empirical, target, chain_law, [tm.tempered_distribution(table, MAX_TOKENS, PROPOSAL_TEMPERATURE)])
     assert spend.proposal == "one_pass" and spend.scored == 0
     assert 0 < spend.events["accepted"] < spend.events["proposals"]
@@ -103,16 +108,16 @@ LOOKAHEAD = 4
 def test_look_ahead_keeps_the_chain_exact(tiny_engine, tiny):
     """Proposals drawn LOOKAHEAD steps ahead, used only where the chain's length and the prefix at
     their index are unchanged (and drawn again where not), leave each step's law as it was: the
-    chain's law after STEPS steps is the one-step-at-a-time chain's. Here accepted moves change the
+    chain's law after its steps is the one-step-at-a-time chain's. Here accepted moves change the
     prefix or the length often (EOS holds half the mass), so both kinds of redraw happen."""
     _, table = tiny
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA)
-    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE)
-    empirical, spend = run_chains(tiny_engine, table, proposal_top_k=0, proposal_temperature=PROPOSAL_TEMPERATURE,
-                                  lookahead=LOOKAHEAD)
+    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, ONE_PASS_STEPS, PROPOSAL_TEMPERATURE)
+    empirical, spend = run_chains(tiny_engine, table, ONE_PASS_STEPS, proposal_top_k=0,
+                                  proposal_temperature=PROPOSAL_TEMPERATURE, lookahead=LOOKAHEAD)
     assert_matches(empirical, target, chain_law, [tm.tempered_distribution(table, MAX_TOKENS, PROPOSAL_TEMPERATURE)])
     used, discarded = spend.events["proposals"], spend.events["discarded"]
-    assert used == 64 * STEPS and 0 < discarded <= used  # a budget of two draws per step
+    assert used == 64 * ONE_PASS_STEPS and 0 < discarded <= used  # a budget of two draws per step
 
 
 def test_one_pass_proposal_cut_to_the_top_k_matches_its_target(cut_model):
@@ -120,12 +125,12 @@ def test_one_pass_proposal_cut_to_the_top_k_matches_its_target(cut_model):
     directory, table = cut_model
     engine = tm.TinyEngine(directory)
     try:
-        empirical, spend = run_chains(engine, table, CUT_CHAINS, proposal_top_k=CUT,
+        empirical, spend = run_chains(engine, table, FAR_STEPS, CUT_CHAINS, proposal_top_k=CUT,
                                       proposal_temperature=PROPOSAL_TEMPERATURE)
     finally:
         engine.close()
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA, CUT)
-    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE, top_k=CUT)
+    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, FAR_STEPS, PROPOSAL_TEMPERATURE, top_k=CUT)
     assert_matches(empirical, target, chain_law, [tm.power_distribution(table, MAX_TOKENS, ALPHA)], CUT_CHAINS)
     assert spend.proposal == "one_pass" and spend.scored == 0
 
@@ -179,13 +184,13 @@ def test_a_tie_at_the_cut_stays_exact(tmp_path):
             return [a.logprob for a in entries[0].top]
 
         alternatives = engine.run(alternatives_at(tied[0]))
-        empirical, spend = run_chains(engine, table, TIED_CHAINS, proposal_top_k=1,
+        empirical, spend = run_chains(engine, table, FAR_STEPS, TIED_CHAINS, proposal_top_k=1,
                                       proposal_temperature=PROPOSAL_TEMPERATURE)
     finally:
         engine.close()
     assert alternatives[0] == alternatives[1]  # exactly: the engine's logits tie too
     target = tm.power_distribution(table, MAX_TOKENS, ALPHA, 1)
-    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, STEPS, PROPOSAL_TEMPERATURE, top_k=1)
+    chain_law = tm.mcmc_distribution(table, MAX_TOKENS, ALPHA, FAR_STEPS, PROPOSAL_TEMPERATURE, top_k=1)
     greedy = ()
     while len(greedy) < MAX_TOKENS and (not greedy or greedy[-1] != tm.EOS):
         greedy += (int(table[greedy].argmax()),)
