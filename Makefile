@@ -29,9 +29,11 @@ serve: install
 	$(PY) -m server --host $(HOST) --port $(PORT) $(ARGS)
 
 # The tests that need no engine first (about a minute), so that a broken change fails fast; then the
-# rest. pytest's status 5 means that PYTEST_ARGS selected none of a tier, which is not a failure.
+# rest, on TEST_WORKERS pytest-xdist workers (tests/conftest.py says how they share the work and the
+# cores). pytest's status 5 means that PYTEST_ARGS selected none of a tier, which is not a failure.
+TEST_WORKERS ?= 2
 test: test-fast
-	$(PY) -m pytest -m "not fast" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m "not fast" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install prometheus
 	$(PY) -m pytest -m fast $(PYTEST_ARGS) || [ $$? -eq 5 ]

@@ -27,6 +27,40 @@ from tests.pace import Pace, measure_pace
 API_KEY = "test-key"
 MODEL = embedded_model.MODEL_NAME
 STARTUP_TIMEOUT_S = 600
+SESSION_SERVER_GROUP = "session-server"
+
+# `make test` runs two pytest-xdist workers. vLLM's CPU engine binds its OpenMP threads to one core,
+# the same one in every engine unless told otherwise, so each worker's engines (servers, in-process
+# engines, the distillation's, all started below this process) get a core of their own.
+# Torch work outside the engines (training in the distillation miniature, reference forward passes)
+# runs on one thread: on two threads, with the other worker holding a core, each parallel region
+# waits for the thread that has none, and a 13-second training took 3 minutes.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+if _WORKER and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    _cores = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(_cores[int(_WORKER.removeprefix("gw")) % len(_cores)])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """Worker groups for `--dist loadgroup`: every test that talks to the session's server runs on
+    one worker, so that one server serves them all; the rest run a module to a worker, so that
+    their module fixtures (servers and engines of their own) start once."""
+    for item in items:
+        group = SESSION_SERVER_GROUP if "live_server" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+    yield  # the other plugins' hooks: pytest-xdist's puts the group in each node id
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Fail at once where pytest-xdist ignores the groups: each worker would start every server and
+    engine again, on memory that may not hold them all."""
+    if node.config.getvalue("dist") == "loadgroup" and any("@" not in nodeid for nodeid in ids):
+        raise pytest.UsageError("pytest-xdist ignored the test groups of tests/conftest.py "
+                                "(see the pin of pytest in pyproject.toml)")
 
 
 @dataclass
