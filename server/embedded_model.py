@@ -90,23 +90,25 @@ def prepare() -> Path:
     """Return the converted model directory, converting the GGUF first if this machine lacks it."""
     gguf = gguf_path()
     target = cache_root() / f"{MODEL_NAME}-{_sha256(gguf)[:16]}"
-    if (target / "config.json").is_file():
-        logger.info("Embedded model ready at %s", target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Processes started at once on a fresh machine (replicas on one cache volume, parallel test
-    # workers) convert once: the others wait on the lock, then find the model there.
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
-            logger.info("Converting %s to a Hugging Face directory at %s", gguf.name, target)
-            # Convert into a scratch directory and rename it into place, so that an interrupted
-            # conversion never leaves a half-written model that would be taken as ready.
-            scratch = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
-            try:
-                _convert(gguf, scratch)
-                scratch.rename(target)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Processes started at once on a fresh machine (replicas on one cache volume, parallel test
+        # workers) convert once: the others wait on the lock, then find the model there.
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").is_file():
+                _convert_into_place(gguf, target)
     logger.info("Embedded model ready at %s", target)
     return target
+
+
+def _convert_into_place(gguf: Path, target: Path) -> None:
+    logger.info("Converting %s to a Hugging Face directory at %s", gguf.name, target)
+    # Convert into a scratch directory and rename it into place, so that an interrupted conversion
+    # never leaves a half-written model that would be taken as ready.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
+    try:
+        _convert(gguf, scratch)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

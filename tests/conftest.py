@@ -37,10 +37,9 @@ SESSION_SERVER_GROUP = "session-server"
 # waits for the thread that has none, and a 13-second training took 3 minutes.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-if _WORKER and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
     _cores = sorted(os.sched_getaffinity(0))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(_cores[int(_WORKER.removeprefix("gw")) % len(_cores)])
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cores[int(_WORKER.removeprefix("gw")) % len(_cores)]))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.hookimpl(wrapper=True)

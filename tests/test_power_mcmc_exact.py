@@ -75,7 +75,7 @@ def test_chain_matches_exact_power_distribution(tiny_engine, tiny):
 
 
 # The one-pass tests draw at proposal temperature 1/2: at 1/alpha this chain needs far more than
-# ONE_PASS_STEPS steps to forget its start (TV 0.21 left after 30, against 0.008 at 1/2).
+# 30 steps to forget its start (TV 0.21 left after 30, against 0.008 at 1/2 and 0.026 after its 20).
 PROPOSAL_TEMPERATURE = 0.5
 # A second model, for the cut to the top 2: there p^alpha cut to each position's top 2 is far
 # from p^alpha (TV 0.76), so the test can tell the two targets apart.
