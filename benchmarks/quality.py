@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -92,30 +93,39 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in complete.decode().splitlines()]
 
 
-def completion_logp(model, prompt_ids: list[int], token_ids: list[int]) -> float:
-    """log p(completion | prompt) under `model` (a float32 Hugging Face causal LM), temperature 1."""
+def completion_token_logps(model, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+    """log p of each completion token given the prompt and the tokens before it, under `model` (a
+    float32 Hugging Face causal LM), temperature 1."""
     import torch
 
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1:-1]
     logprobs = torch.log_softmax(logits.double(), dim=-1)
-    return logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).sum().item()
+    return logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).squeeze(1).tolist()
+
+
+def completion_logp(model, prompt_ids: list[int], token_ids: list[int]) -> float:
+    """log p(completion | prompt) under `model`, as completion_token_logps."""
+    return math.fsum(completion_token_logps(model, prompt_ids, token_ids))
 
 
 def ask(client, model: str, problem: dict, index: int, fields: dict, max_tokens: int) -> dict:
-    """One chat answer to `problem` with the request fields `fields` (seed = index), timed; its
-    `model` field, if any, names another served model (a distilled one) than `model`."""
+    """One chat answer to `problem` with the request fields `fields` (seed = index), timed, with the
+    served model's own log p of each token; its `model` field, if any, names another served model
+    (a distilled one) than `model`."""
     fields = dict(fields)
     start = time.perf_counter()
     r = client.chat.completions.create(
         model=fields.pop("model", model), max_tokens=max_tokens, seed=index,
         messages=[{"role": "user", "content": problem["question"]}],
-        extra_body={**fields, "return_token_ids": True})
-    if r.choices[0].token_ids is None:
-        raise UsageError("the server returned no token ids: it must support `return_token_ids`")
-    text = r.choices[0].message.content
+        logprobs=True, extra_body={**fields, "return_token_ids": True})
+    choice = r.choices[0]
+    if choice.token_ids is None or choice.logprobs is None:
+        raise UsageError("the server returned no token ids or no logprobs: it must support `return_token_ids`")
+    text = choice.message.content
     return {"index": index, "latency_s": time.perf_counter() - start, "prompt_token_ids": r.prompt_token_ids,
-            "token_ids": r.choices[0].token_ids, "text": text, "correct": is_correct(text or "", problem["answer"]),
+            "token_ids": choice.token_ids, "served_logprobs": [t.logprob for t in choice.logprobs.content or ()],
+            "text": text, "correct": is_correct(text or "", problem["answer"]),
             "sampler_usage": getattr(r, "sampler_usage", None)}
 
 
