@@ -139,7 +139,6 @@ def open_teacher(spec: str, base_model: Path, power_alpha: float, enforce_eager:
     closed by the caller."""
     from samplers.power_scalable import PowerScalableParams
     from samplers.vllm_engine import BlockingModel
-    from server.__main__ import parse_args
 
     kind, details = parse_teacher(spec)
     if kind == "model":
@@ -150,7 +149,7 @@ def open_teacher(spec: str, base_model: Path, power_alpha: float, enforce_eager:
             raise UsageError(f"--opd-teacher {spec}: its tokenizer is not the base model's, so it cannot "
                              "score the student's tokens")
     model = str(base_model if kind == POWER_TEACHER else details["path"])
-    engine = BlockingModel(parse_args(["--model", model, *(["--enforce-eager"] if enforce_eager else [])]))
+    engine = BlockingModel(model, enforce_eager=enforce_eager)
     if kind == POWER_TEACHER:
         return engine, PowerTeacher(engine, PowerScalableParams(**{"power_alpha": power_alpha, **details}))
     return engine, ModelTeacher(engine)

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import typing
 from collections.abc import AsyncIterator, Mapping
@@ -80,12 +81,24 @@ class VllmModel:
         AsyncEngineArgs.add_cli_args(parser)
         parser.set_defaults(max_logprobs=MAX_LOGPROBS)
 
+    @staticmethod
+    def engine_flags(args: argparse.Namespace) -> dict:
+        """The engine flags among command-line arguments parsed with add_cli_args, for from_args."""
+        return {field.name: getattr(args, field.name) for field in dataclasses.fields(AsyncEngineArgs)
+                if hasattr(args, field.name)}
+
     @classmethod
-    def create(cls, args: argparse.Namespace, adapters: Mapping[str, str] | None = None,
-               adapter_rank: int = 0) -> "VllmModel":
-        """Start an engine (blocking: loads weights and warms up) from parsed engine flags, able to
-        decode with the given LoRA adapters (name -> PEFT directory) of rank up to `adapter_rank`."""
-        engine_args = AsyncEngineArgs.from_cli_args(args)
+    def from_args(cls, model: str, adapters: Mapping[str, str] | None = None, adapter_rank: int = 0,
+                  **engine_flags) -> "VllmModel":
+        """Start an engine on `model` (blocking: loads weights and warms up), able to decode with
+        the given LoRA adapters (name -> PEFT directory) of rank up to `adapter_rank`.
+
+        `engine_flags` are vLLM's engine arguments by their field names (`dtype="float32"`,
+        `enforce_eager=True`, ...; a flag left out has the default of add_cli_args). On a CPU,
+        `dtype` "auto" becomes cpu_dtype()'s choice, and the KV cache's size, its block size and
+        chunked prefill get this module's defaults unless given.
+        """
+        engine_args = AsyncEngineArgs(model=model, **{"max_logprobs": MAX_LOGPROBS, **engine_flags})
         if adapters:
             engine_args.enable_lora = True
             engine_args.max_loras = max(engine_args.max_loras, len(adapters))
@@ -170,11 +183,11 @@ class VllmModel:
 
 class BlockingModel:
     """A `VllmModel` driven from synchronous code (training, tests): its coroutines run to the end
-    on an event loop of its own."""
+    on an event loop of its own. Takes what VllmModel.from_args takes."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, model: str, **engine_flags):
         self.loop = asyncio.new_event_loop()
-        self.model = VllmModel.create(args)
+        self.model = VllmModel.from_args(model, **engine_flags)
 
     def run(self, coroutine):
         return self.loop.run_until_complete(coroutine)

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         failed.append(True)
         server.should_exit = True
 
-    app = create_app(state, lambda: VllmModel.create(args, args.adapters, args.adapter_rank),
+    app = create_app(state, lambda: VllmModel.from_args(**VllmModel.engine_flags(args), adapters=args.adapters,
+                                                        adapter_rank=args.adapter_rank),
                      api_key=args.api_key, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=5)

@@ -204,7 +204,7 @@ def test_scoring_path_on_a_processed_logprobs_engine(cut_model):
     proposal is scored for its log p: the chains' reported log p equal the float64 reference.
     (The chain's law is the one-pass tests' business: the acceptance test is the same code.)"""
     directory, table = cut_model
-    engine = tm.TinyEngine(directory, "--logprobs-mode", "processed_logprobs")
+    engine = tm.TinyEngine(directory, logprobs_mode="processed_logprobs")
     try:
         [(deltas, spend)] = engine.draw(PowerMCMCSampler(), 64, DecodeParams(max_tokens=MAX_TOKENS, logprobs=0),
                                         PowerMCMCParams(power_alpha=ALPHA, mcmc_steps=2, block_size=1,

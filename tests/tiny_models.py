@@ -19,7 +19,6 @@ from pydantic import BaseModel
 
 from samplers import ChoiceDelta, DecodeParams, Sampler, Spend
 from samplers.vllm_engine import BlockingModel
-from server.__main__ import parse_args
 
 VOCAB = {"a": 0, "b": 1, "</s>": 2}
 EOS = VOCAB["</s>"]
@@ -227,10 +226,9 @@ def smc_distribution(table: dict, max_tokens: int, alpha: float, particles: int,
 class TinyEngine(BlockingModel):
     """A real vLLM engine on a tiny model, with an event loop of its own, that draws completions."""
 
-    def __init__(self, directory: Path, *flags: str):
-        super().__init__(parse_args([
-            "--model", str(directory), "--enforce-eager", "--dtype", "float32",
-            "--max-model-len", "64", "--kv-cache-memory-bytes", str(256 << 20), *flags]))
+    def __init__(self, directory: Path, **engine_flags):
+        super().__init__(str(directory), enforce_eager=True, dtype="float32", max_model_len=64,
+                         kv_cache_memory_bytes=256 << 20, **engine_flags)
 
     def draw(self, sampler: Sampler, count: int, decode: DecodeParams, params: BaseModel
              ) -> list[tuple[list[ChoiceDelta], Spend]]:
