@@ -26,11 +26,10 @@ from unittest import mock
 
 import httpx
 
-from benchmarks.quality import read_records
-from benchmarks.vs_vllm import embedded_server, free_port, header
+from harness.results import RESULTS, header, read_records
+from harness.servers import embedded_server, free_port
 
 logger = logging.getLogger("benchmarks.cpu_dtype")
-RESULTS = Path(__file__).parent / "results"
 SERVED = "SmolLM2-135M-Instruct"
 KERNELS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 DTYPES = ("bfloat16", "float32")

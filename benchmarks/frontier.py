@@ -34,12 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import quality
-from benchmarks.load import UsageError, parse_sampler, positive
-from benchmarks.vs_vllm import header
+from harness import datasets
+from harness.cli import UsageError, parse_sampler, positive
+from harness.results import RESULTS, header, read_records
 
 logger = logging.getLogger("benchmarks.frontier")
 
-RESULTS = Path(__file__).parent / "results"
 ALPHA = 4.0
 DEFAULT_QUESTIONS = 32
 REFERENCE = "direct"
@@ -128,7 +128,7 @@ def answer_rounds(client, model: str, problems: list[dict], settings: dict[str, 
                   run_settings: dict) -> dict[str, dict[int, dict]]:
     """Every setting on every question, round by round (resuming from records_path); records by
     label and question. With a budget, no round starts that the mean round so far says would overrun it."""
-    records = [r for r in quality.read_records(records_path)
+    records = [r for r in read_records(records_path)
                if r["settings"] == run_settings | {"fields": settings.get(r["sampler"])}]
     by_label: dict[str, dict[int, dict]] = {label: {} for label in settings}
     for r in records:
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace, settings: dict[str, dict]) -> dict:
     from server import embedded_model
 
     # With a budget and no --questions, as many as the budget holds: all of GSM8K's 1319 test questions.
-    problems = quality.DATASETS[args.dataset](args.questions or (2000 if args.budget_minutes else DEFAULT_QUESTIONS))
+    problems = datasets.DATASETS[args.dataset](args.questions or (2000 if args.budget_minutes else DEFAULT_QUESTIONS))
     run_settings = {"dataset": args.dataset, "max_tokens": args.max_tokens, "model": args.model,
                     "concurrency": args.concurrency}
     with quality.asking(args.base_url, args.model, args.api_key, 8105) as (client, base_url):
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace, settings: dict[str, dict]) -> dict:
     return {
         "server": {"base_url": base_url, "model": args.model}, "dataset": args.dataset,
         "max_tokens": args.max_tokens, "concurrency": args.concurrency, "reference": args.reference,
-        "answer_extraction": quality.ANSWER_EXTRACTION, "bootstrap_resamples": args.bootstrap,
+        "answer_extraction": datasets.ANSWER_EXTRACTION, "bootstrap_resamples": args.bootstrap,
         "settings": settings, "summary": summarise(by_label, args.reference, args.bootstrap),
     }
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     quality.add_server_arguments(parser)
-    parser.add_argument("--dataset", choices=sorted(quality.DATASETS), default="gsm8k")
+    parser.add_argument("--dataset", choices=sorted(datasets.DATASETS), default="gsm8k")
     parser.add_argument("--sampler", dest="samplers", type=parse_sampler, action="append",
                         help="NAME or NAME:{json request fields}, repeatable; a `model` field names a distilled "
                              "model (default: the settings in docs/benchmarks.md)")

@@ -23,41 +23,17 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.vs_vllm import header
+from harness.cli import UsageError, parse_sampler, positive
+from harness.results import RESULTS, header
 
 logger = logging.getLogger("benchmarks.load")
 
-RESULTS = Path(__file__).parent / "results"
 PERCENTILES = "50,90,99"
 LATENCIES = ["ttft", "tpot", "itl", "e2el"]  # vLLM's names: first token, per output token, inter-token, end to end
 SUMMARY = ["completed", "failed", "duration", "request_throughput", "output_throughput", "total_output_tokens"] + [
     f"{stat}_{metric}_ms" for metric in LATENCIES for stat in ("mean", "median", "p90", "p99")]
 COMPARED = ["request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms",
             "p99_e2el_ms"]
-
-
-class UsageError(Exception):
-    """A bad argument or a request the server refuses: reported in one line, not a traceback."""
-
-
-def parse_sampler(spec: str) -> tuple[str, dict]:
-    """'NAME' or 'NAME:{json fields}' -> (label, request fields). `direct` adds no `sampler` field,
-    so that plain decoding runs on any OpenAI-compatible server."""
-    name, _, fields = spec.partition(":")
-    try:
-        extra = json.loads(fields) if fields else {}
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"sampler fields must be a JSON object: {spec!r} ({exc})") from None
-    if not name or not isinstance(extra, dict):
-        raise argparse.ArgumentTypeError(f"expected NAME or NAME:{{json fields}}, got {spec!r}")
-    return spec, ({} if name == "direct" else {"sampler": name}) | extra
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -181,7 +157,7 @@ def load_point(args: argparse.Namespace, extra: dict, concurrency: int | None, r
 
 
 def run(args: argparse.Namespace) -> dict:
-    from benchmarks.vs_vllm import embedded_server
+    from harness.servers import embedded_server
     from server import embedded_model
 
     if args.tokenizer is None:

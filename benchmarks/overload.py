@@ -17,7 +17,8 @@ import time
 
 import openai
 
-from benchmarks.vs_vllm import RESULTS, UNGATED, embedded_server, header
+from harness.results import RESULTS, header
+from harness.servers import UNGATED, embedded_server
 
 logger = logging.getLogger("benchmarks.overload")
 

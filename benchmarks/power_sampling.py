@@ -39,10 +39,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.vs_vllm import embedded_server, header
+from harness.results import RESULTS, header
+from harness.servers import embedded_server
 
 logger = logging.getLogger("benchmarks.power_sampling")
-RESULTS = Path(__file__).parent / "results"
 ALPHA = 4.0
 
 # Request bodies of the configurations the latency and self-reward runs compare.
@@ -61,11 +61,11 @@ SCALABLE = {
 
 
 def fidelity(args: argparse.Namespace) -> dict:
+    from harness import tiny_models as tm
     from samplers import DecodeParams
     from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
     from samplers.power_scalable import PowerScalableParams, PowerScalableSampler
     from samplers.power_smc import PowerSMCParams, PowerSMCSampler
-    from tests import tiny_models as tm
 
     max_tokens = tm.MAX_TOKENS
     directory = tm.build(Path(tempfile.mkdtemp()), tm.SEED, tm.SHARPNESS, tm.EOS_TILT)  # the tests' model
@@ -216,7 +216,7 @@ def proposal(args: argparse.Namespace) -> dict:
     one step at a time (the `lookahead` command measures drawing ahead)."""
     from openai import OpenAI
 
-    from benchmarks.vs_vllm import UNGATED, free_port
+    from harness.servers import UNGATED, free_port
 
     mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16), "lookahead": 1}
     servers = {f"{mode}, KV blocks of {size}": (mode, size) for mode, size in args.servers}
@@ -272,7 +272,7 @@ def lookahead(args: argparse.Namespace) -> dict:
     """power_mcmc's one-pass proposal at each look-ahead depth beside direct, on one server."""
     from openai import OpenAI
 
-    from benchmarks.vs_vllm import UNGATED, free_port
+    from harness.servers import UNGATED, free_port
 
     mcmc = {**MCMC, "block_size": math.ceil(args.max_tokens / 16)}
     configs = {f"lookahead {depth}": {**mcmc, "lookahead": depth} for depth in args.depths}
@@ -288,7 +288,7 @@ def smc(args: argparse.Namespace) -> dict:
     """power_smc at each particle count beside direct, on one server, at each length and concurrency."""
     from openai import OpenAI
 
-    from benchmarks.vs_vllm import UNGATED, free_port
+    from harness.servers import UNGATED, free_port
 
     configs = {f"power_smc ({n} particles)": {"sampler": "power_smc", "power_alpha": ALPHA, "particles": n}
                for n in args.particles}

@@ -21,10 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
-import random
-import re
 import statistics
 import sys
 import time
@@ -32,81 +29,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.load import UsageError, parse_sampler, positive
-from benchmarks.vs_vllm import header
+from harness.cli import UsageError, parse_sampler, positive
+from harness.datasets import ANSWER_EXTRACTION, DATASETS, is_correct
+from harness.results import RESULTS, header, read_records
+from harness.scoring import completion_logp
 
 logger = logging.getLogger("benchmarks.quality")
 
-RESULTS = Path(__file__).parent / "results"
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-ANSWER_EXTRACTION = "the last number in the completion (commas and a trailing period dropped) equals the reference"
-
-
-def gsm8k(count: int) -> list[dict]:
-    if not GSM8K.exists():
-        raise UsageError(f"GSM8K is not at {GSM8K} (the shared data folder beside the repository)")
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:count]]
-    return [{"question": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", "")}
-            for r in rows]
-
-
-def arithmetic(count: int) -> list[dict]:
-    """Sums and differences of two numbers below 20, seeded: easy enough for a 135M model to get some right."""
-    rng = random.Random(0)
-    problems = []
-    for _ in range(count):
-        a, b = rng.randint(1, 19), rng.randint(1, 19)
-        op = rng.choice("+-")
-        a, b = (a, b) if op == "+" or a >= b else (b, a)
-        problems.append({"question": f"What is {a} {op} {b}? Answer with the number only.",
-                         "answer": str(a + b if op == "+" else a - b)})
-    return problems
-
-
-DATASETS = {"gsm8k": gsm8k, "arithmetic": arithmetic}
-
-
-def last_number(text: str) -> str | None:
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
-
-
-def is_correct(text: str, reference: str) -> bool:
-    answer = last_number(text)
-    try:
-        return answer is not None and float(answer) == float(reference)
-    except ValueError:
-        return False
-
-
-def read_records(path: Path) -> list[dict]:
-    """The JSON lines of an append-only records file (none if it does not exist). A last line cut
-    short by an interruption is removed from the file, so that the next append starts on a line of
-    its own."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        logger.warning("Dropping an unfinished last line of %s (an interrupted write)", path)
-        path.write_bytes(complete)
-    return [json.loads(line) for line in complete.decode().splitlines()]
-
-
-def completion_token_logps(model, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
-    """log p of each completion token given the prompt and the tokens before it, under `model` (a
-    float32 Hugging Face causal LM), temperature 1."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1:-1]
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    return logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).squeeze(1).tolist()
-
-
-def completion_logp(model, prompt_ids: list[int], token_ids: list[int]) -> float:
-    """log p(completion | prompt) under `model`, as completion_token_logps."""
-    return math.fsum(completion_token_logps(model, prompt_ids, token_ids))
 
 
 def ask(client, model: str, problem: dict, index: int, fields: dict, max_tokens: int) -> dict:
@@ -206,7 +135,7 @@ def asking(base_url: str | None, model: str, api_key: str | None, port: int) -> 
     for the run, with its base URL; a request the server refuses or cannot take is a UsageError."""
     from openai import APIConnectionError, APIStatusError, OpenAI
 
-    from benchmarks.vs_vllm import embedded_server
+    from harness.servers import embedded_server
 
     with contextlib.ExitStack() as stack:
         if base_url is None:

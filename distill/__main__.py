@@ -26,10 +26,11 @@ from pathlib import Path
 
 from openai import APIConnectionError, APIStatusError
 
-from benchmarks.load import UsageError, parse_sampler, positive
-from benchmarks.quality import GSM8K
-from benchmarks.vs_vllm import UNGATED, embedded_server, free_port, header
 from distill import report, teacher, train
+from harness.cli import UsageError, parse_sampler, positive
+from harness.datasets import GSM8K
+from harness.results import header
+from harness.servers import UNGATED, embedded_server, free_port
 
 GSM8K_TRAIN = GSM8K.with_name("train.jsonl")
 DEFAULT_SAMPLER = 'power_mcmc:{"power_alpha": 4}'

@@ -41,8 +41,8 @@ import math
 import uuid
 from pathlib import Path
 
-from benchmarks.load import UsageError
 from distill.rewards import token_rewards
+from harness.cli import UsageError
 from samplers.base import Spend
 
 
@@ -59,7 +59,7 @@ class SelfReward:
         self.tokenizer = tokenizer
 
     def __call__(self, prompts: list[list[dict]], completion_ids: list[list[int]], **_) -> list[float]:
-        from benchmarks.quality import completion_logp
+        from harness.scoring import completion_logp
 
         # The same chat template call that GRPOTrainer tokenises its prompts with.
         prompt_ids = self.tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,

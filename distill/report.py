@@ -15,9 +15,11 @@ import logging
 from pathlib import Path
 
 from benchmarks import quality
-from benchmarks.load import UsageError
-from benchmarks.vs_vllm import UNGATED, embedded_server, free_port
 from distill import teacher, train
+from harness import datasets
+from harness.cli import UsageError
+from harness.results import read_records
+from harness.servers import UNGATED, embedded_server, free_port
 from server.adapters import check_fits
 
 logger = logging.getLogger("distill.report")
@@ -62,7 +64,7 @@ def report(workdir: Path, base_model: Path, sampler: dict, max_tokens: int, prom
                 for run in runs})]
     phases += [(f"merged-{run}", workdir / run / train.MERGED, (),
                 {f"{run} (merged), direct": ({}, settings | {"adapter_sha256": weights[run]})}) for run in runs]
-    problems, samplers, summary = quality.gsm8k(prompts), {}, {}
+    problems, samplers, summary = datasets.gsm8k(prompts), {}, {}
     for name, model, flags, rows in phases:
         with embedded_server(SERVED, free_port(), (*UNGATED, *flags), model,
                              workdir / f"server-{name}.log") as base_url:
@@ -74,11 +76,11 @@ def report(workdir: Path, base_model: Path, sampler: dict, max_tokens: int, prom
     direct = summary["base model, direct"]["median_latency_s"]
     for row in summary.values():
         row["latency_ratio_to_base_direct"] = row["median_latency_s"] / direct
-    samples = quality.read_records(workdir / teacher.FILE)
+    samples = read_records(workdir / teacher.FILE)
     return {"teacher": teacher.statistics(samples) if samples else None,
             "training": {run: json.loads((workdir / run / train.SUMMARY).read_text()) for run in runs},
             "evaluation": {"dataset": "GSM8K test, first questions", "prompts": prompts, "max_tokens": max_tokens,
-                           "concurrency": concurrency, "answer_extraction": quality.ANSWER_EXTRACTION,
+                           "concurrency": concurrency, "answer_extraction": datasets.ANSWER_EXTRACTION,
                            "samplers": samplers, "summary": summary}}
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from benchmarks.load import UsageError
-from benchmarks.quality import read_records
+from harness.cli import UsageError
+from harness.results import read_records
 
 logger = logging.getLogger("distill.teacher")
 

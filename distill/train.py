@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.load import UsageError
-from benchmarks.quality import read_records
 from distill import teacher
+from harness.cli import UsageError
+from harness.results import read_records
 
 logger = logging.getLogger("distill.train")
 

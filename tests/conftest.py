@@ -20,7 +20,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from benchmarks.vs_vllm import free_port
+from harness.servers import free_port
 from server import embedded_model
 from tests.pace import Pace, measure_pace
 
@@ -190,8 +190,8 @@ def assert_base_logprobs(model_dir: Path, choices, tolerance: float = 2e-3, temp
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, dict]:
-    """The exactness tests' tiny random Llama (tests/tiny_models.py) and its exact next-token table."""
-    from tests import tiny_models as tm
+    """The exactness tests' tiny random Llama (harness/tiny_models.py) and its exact next-token table."""
+    from harness import tiny_models as tm
 
     directory = tm.build(tmp_path_factory.mktemp("tiny"), tm.SEED, tm.SHARPNESS, tm.EOS_TILT)
     return directory, tm.next_token_logprobs(directory, tm.PROMPT, tm.MAX_TOKENS)
@@ -200,7 +200,7 @@ def tiny(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def tiny_engine(tiny):
     """A real vLLM engine on the tiny Llama, for one test module."""
-    from tests import tiny_models as tm
+    from harness import tiny_models as tm
 
     engine = tm.TinyEngine(tiny[0])
     yield engine

@@ -156,7 +156,7 @@ def test_logprobs_equal_vllms_own_servers(live_server, client, tmp_path):
     request with the same tokens, log-probabilities and alternatives, at temperature 1 and 0.5."""
     from openai import OpenAI
 
-    from benchmarks.vs_vllm import free_port, start_server, stop_server, wait_healthy
+    from harness.servers import free_port, start_server, stop_server, wait_healthy
 
     port, log = free_port(), tmp_path / "vllm.log"
     process = start_server("vllm", str(live_server.model_dir), MODEL, port, "--dtype", "float32",

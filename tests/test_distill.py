@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quality import read_records
 from distill import teacher, train
-from tests import tiny_models
+from harness import tiny_models
+from harness.results import read_records
 from tests.conftest import API_KEY, MODEL
 from tests.test_distilled import save_lora
 
@@ -56,7 +56,7 @@ def miniature(model_dir, tmp_path_factory) -> Path:
 def test_teacher_keeps_every_sample_with_its_provenance(miniature, model_dir):
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.quality import completion_logp
+    from harness.scoring import completion_logp
 
     samples = read_records(miniature / teacher.FILE)
     assert sorted(s["index"] for s in samples) == [0, 1, 2, 3]
@@ -78,7 +78,7 @@ def test_training_loss_is_the_completion_tokens_negative_log_likelihood(miniatur
     sums of a few dozen terms, which agree far below the 1e-4 allowed."""
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.quality import completion_logp
+    from harness.scoring import completion_logp
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     samples = read_records(miniature / teacher.FILE)
@@ -94,7 +94,7 @@ def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(mi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.quality import completion_logp
+    from harness.scoring import completion_logp
 
     samples = read_records(miniature / teacher.FILE)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -121,7 +121,7 @@ def test_report_serves_every_adapter_beside_the_base_model(miniature, model_dir)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.quality import completion_token_logps
+    from harness.scoring import completion_token_logps
 
     report = json.loads((miniature / "report.json").read_text())
     assert report["command"].startswith("python -m distill all")

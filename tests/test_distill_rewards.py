@@ -9,8 +9,8 @@ import torch
 
 from distill import rewards
 from distill.onpolicy import ModelTeacher, PowerTeacher, SelfReward
+from harness import tiny_models
 from samplers.power_scalable import PowerScalableParams
-from tests import tiny_models
 
 
 @pytest.mark.fast

@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 
-from tests import tiny_models
+from harness import tiny_models
 from tests.conftest import API_KEY, MODEL, running_server
 from tests.test_metrics_and_cancel import scrape
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.vs_vllm import free_port
+from harness.servers import free_port
 from server.metrics import LATENCY_BUCKETS
 from tests.conftest import MODEL, LiveServer
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from distill.train import TrainSettings, grpo_trainer
-from tests import tiny_models as tm
+from harness import tiny_models as tm
 
 ALPHA = 4.0
 STEPS, GENERATIONS = 200, 32

@@ -1,6 +1,6 @@
 """power_mcmc against the exact p^alpha of a tiny random Llama, through the real vLLM engine.
 
-The model (tests/tiny_models.py) has 3 tokens and completions of at most 3 tokens: 15 outcomes
+The model (harness/tiny_models.py) has 3 tokens and completions of at most 3 tokens: 15 outcomes
 whose probabilities are computed exactly, as is the law of the chain after a given number of
 steps (its 15 x 15 transition kernel). EOS carries about half of p^alpha's mass, so completions
 of different lengths compete and the length term matters.
@@ -17,10 +17,10 @@ from collections import Counter
 
 import pytest
 
+from harness import tiny_models as tm
 from samplers import DecodeParams, Spend
 from samplers.one_pass import truncated_log_q
 from samplers.power_mcmc import PowerMCMCParams, PowerMCMCSampler
-from tests import tiny_models as tm
 
 ALPHA = 4.0
 MAX_TOKENS = tm.MAX_TOKENS

@@ -19,9 +19,9 @@ from collections import Counter
 
 import pytest
 
+from harness import tiny_models as tm
 from samplers import DecodeParams
 from samplers.power_scalable import PowerScalableParams, PowerScalableSampler
-from tests import tiny_models as tm
 
 ALPHA = 4.0
 MAX_TOKENS = tm.MAX_TOKENS

@@ -15,10 +15,10 @@ from collections import Counter
 
 import pytest
 
+from harness import tiny_models as tm
 from samplers import DecodeParams
 from samplers import power_smc
 from samplers.power_smc import PowerSMCParams, PowerSMCSampler
-from tests import tiny_models as tm
 
 ALPHA = 4.0
 MAX_TOKENS = tm.MAX_TOKENS
