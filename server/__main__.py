@@ -3,12 +3,20 @@
 Engine flags are vLLM's own (`--model`, `--served-model-name`, `--dtype`, `--max-model-len`,
 `--enforce-eager`, and every other `vllm serve` engine flag); the server adds `--host`, `--port`,
 `--api-key` and the admission limits; vLLM's `--log-level` sets the server's logging too.
+
+Every flag may also come from an environment variable: POWERSERVE_ and the flag's name in capitals
+with '_' for '-' (POWERSERVE_MAX_MODEL_LEN=2048 is --max-model-len 2048). A switch takes 1, true,
+yes or on (0, false, no or off: its --no- form, where it has one); a repeatable flag or one of
+several values takes them separated by spaces (POWERSERVE_MAX_CONCURRENT="power_mcmc=8
+power_smc=2"). A flag given on the command line overrides its variable.
 """
 
 import argparse
 import logging
 import os
+import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvicorn
@@ -21,8 +29,11 @@ from server.serving import EngineState
 
 logger = logging.getLogger("server")
 
+ENV_PREFIX = "POWERSERVE_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
     from samplers.vllm_engine import VllmModel
 
     parser = argparse.ArgumentParser(
@@ -31,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
-    parser.add_argument("--api-key", default=os.environ.get("POWERSERVE_API_KEY"),
-                        help="Require 'Authorization: Bearer KEY' on /v1/* (env POWERSERVE_API_KEY).")
+    parser.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/* (best set as "
+                        "POWERSERVE_API_KEY, which process listings do not show).")
     parser.add_argument("--distilled", action="append", metavar="NAME=PATH", default=[],
                         help="Also serve, as model NAME, the model with the PEFT LoRA adapter in "
                         "directory PATH (repeatable); it decodes directly.")
@@ -56,7 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {defaults.max_request_timeout:g}).")
     VllmModel.add_cli_args(parser)
     parser.set_defaults(model=None)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        from_environment = environment_arguments(parser, os.environ if environ is None else environ, argv)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args = parser.parse_args(from_environment + argv)
     if args.max_request_timeout <= 0:
         parser.error("--max-request-timeout must be positive.")
     if args.request_timeout is None:
@@ -76,6 +92,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--distilled: {exc}")
         args.adapters[name] = path
     return args
+
+
+def environment_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str], argv: list[str]) -> list[str]:
+    """The command-line arguments that environ's POWERSERVE_* variables stand for (the module
+    docstring says how), leaving out the flags that argv gives; ValueError for a variable that
+    names no flag or a switch's value that is neither true nor false."""
+    given = {arg.partition("=")[0] for arg in argv if arg.startswith("--")}
+    arguments = []
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        flag = "--" + variable.removeprefix(ENV_PREFIX).lower().replace("_", "-")
+        action = parser._option_string_actions.get(flag)
+        if action is None or flag in ("--help", "--version"):
+            raise ValueError(f"the environment variable {variable} names no flag ({flag})")
+        if given & set(action.option_strings):
+            continue
+        if action.nargs == 0:
+            switch = value.strip().lower()
+            if switch not in TRUE + FALSE:
+                raise ValueError(f"{variable}={value!r}: {flag} is a switch, so its value must be one of "
+                                 f"{', '.join(TRUE + FALSE)}")
+            off = "--no-" + flag.removeprefix("--")
+            arguments += [flag] if switch in TRUE else [off] if off in action.option_strings else []
+        elif isinstance(action, argparse._AppendAction):
+            arguments += [part for item in shlex.split(value) for part in (flag, item)]
+        elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            arguments += [flag, *shlex.split(value)]
+        else:
+            arguments.append(f"{flag}={value}")
+    return arguments
 
 
 def admission_limits(args: argparse.Namespace) -> Limits:

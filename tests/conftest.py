@@ -95,12 +95,14 @@ def model_dir() -> Path:
 
 @contextmanager
 def running_server(model_dir: Path, log: Path, *flags: str) -> Iterator[tuple[LiveServer, subprocess.Popen]]:
-    """Start `python -m server` with an API key on a free port; stop its whole process group after."""
+    """Start `python -m server` with an API key on a free port; stop its whole process group after.
+    The key and --enforce-eager come from the environment, as a container's would."""
     port = free_port()
-    command = [sys.executable, "-m", "server", "--port", str(port), "--api-key", API_KEY,
-               "--enforce-eager", *flags]
+    command = [sys.executable, "-m", "server", "--port", str(port), *flags]
+    environment = {**os.environ, "POWERSERVE_API_KEY": API_KEY, "POWERSERVE_ENFORCE_EAGER": "true"}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=environment)
     server = LiveServer(url=f"http://127.0.0.1:{port}", model_dir=model_dir, log=log, pid=process.pid)
     try:
         _wait_until_ready(server, process)

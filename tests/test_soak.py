@@ -17,7 +17,7 @@ from tests.test_metrics_and_cancel import scrape
 
 logger = logging.getLogger(__name__)
 
-SOAK_S = float(os.environ.get("POWERSERVE_SOAK_S", "120"))
+SOAK_S = float(os.environ.get("TEST_SOAK_S", "120"))
 CONCURRENCY = 4
 SAMPLE_EVERY_S = 5.0
 # Allowed growth of resident memory from the end of the first third of the run to its end. The
