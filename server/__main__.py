@@ -25,7 +25,7 @@ from samplers import REGISTRY as SAMPLERS
 from server.adapters import adapter_rank, check_fits
 from server.admission import QUEUE_FACTOR, Limits, parse_per_sampler
 from server.app import create_app
-from server.serving import EngineState
+from server.state import EngineState
 
 logger = logging.getLogger("server")
 

@@ -1,4 +1,4 @@
-"""The FastAPI application: thin routes over `server.serving`, with the engine's lifetime."""
+"""The FastAPI application: thin routes over `server.formats` and `server.transport`, with the engine's lifetime."""
 
 import asyncio
 import logging
@@ -15,7 +15,8 @@ from samplers import REGISTRY as SAMPLERS
 from server import errors
 from server import protocol as p
 from server.formats import ChatFormat, CompletionFormat, chat_run, completion_run
-from server.serving import EngineState, respond
+from server.state import EngineState
+from server.transport import respond
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,9 @@
 from samplers import ChoiceDelta, TokenLogprob
 from server import protocol as p
 from server.errors import bad_request
-from server.serving import ChoiceState, EngineState, Format, Run
+from server.serving import ChoiceState, Run
+from server.state import EngineState
+from server.transport import Format
 
 
 def completion_run(state: EngineState, body: p.CompletionRequest) -> Run:

@@ -5,7 +5,8 @@ import pytest
 from samplers import REGISTRY
 from server import protocol as p
 from server.errors import APIError
-from server.serving import EngineState, resolve_sampler
+from server.requests import resolve_sampler
+from server.state import EngineState
 
 pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
 

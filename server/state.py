@@ -1,0 +1,31 @@
+"""What every request shares: the model being served and its admission gates."""
+
+from samplers import REGISTRY
+from server.admission import QUEUE_FACTOR, Gate, Limits
+from server.errors import APIError
+
+
+class EngineState:
+    """The model being served, whether its engine can take requests, and the admission gates."""
+
+    def __init__(self, served_name: str, root: str, limits: Limits = Limits(),
+                 adapters: dict[str, str] | None = None):
+        self.served_name = served_name
+        self.root = root
+        self.adapters = adapters or {}  # distilled model name -> its PEFT adapter directory
+        self.model = None  # samplers.vllm_engine.VllmModel once loaded
+        self.created = 0
+        self.limits = limits
+        self.gates = {}
+        for name, sampler in REGISTRY.items():
+            concurrent = limits.max_concurrent.get(name, sampler.default_max_concurrent)
+            queued = limits.max_queued.get(name, QUEUE_FACTOR * concurrent)
+            self.gates[name] = Gate(served_name, name, concurrent, queued)
+
+    def ready_model(self):
+        if self.model is None:
+            raise APIError(503, "The engine is still loading; retry when GET /health answers 200.")
+        if self.model.errored:
+            raise APIError(503, "The engine has stopped; the server must be restarted.")
+        return self.model
+
