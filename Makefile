@@ -68,7 +68,9 @@ bench: install
 	$(PY) -m benchmarks.quality --dataset arithmetic --prompts 32 --max-tokens 16 --sampler direct \
 		--sampler 'direct:{"temperature": 0.25}' --sampler 'power_scalable:{"block_size": 4}'
 	$(PY) -m benchmarks.vs_vllm
-	$(PY) -m benchmarks.cpu_dtype
+	$(PY) -m benchmarks.cpu_dtype --modes eager
+	$(PY) -m benchmarks.cpu_dtype --kernels native --dtypes bfloat16 --output benchmarks/results/cpu_compile.json
+	$(PY) -m benchmarks.cpu_dtype --kernels avx2 --dtypes float32 --output benchmarks/results/cpu_compile.json
 	$(PY) -m benchmarks.power_sampling fidelity
 	$(PY) -m benchmarks.power_sampling latency
 	$(PY) -m benchmarks.power_sampling proposal --concurrency 1
