@@ -21,6 +21,7 @@ from server.transport import respond
 logger = logging.getLogger(__name__)
 
 ENGINE_POLL_S = 0.5
+LOADING_REPORT_S = 30.0  # how often the log says that the engine is still starting
 # How long a server with a dead engine keeps answering 503 before it exits: long enough for
 # in-flight requests to get their 503 and for probes to see it.
 ENGINE_DEATH_GRACE_S = 2.0
@@ -38,7 +39,15 @@ def create_app(
 
     async def run_engine() -> None:
         try:
-            state.model = await asyncio.to_thread(load_engine)
+            loading = asyncio.ensure_future(asyncio.to_thread(load_engine))
+            started = time.monotonic()
+            while not loading.done():
+                # vLLM is silent while torch compiles the model, which takes minutes on some CPUs.
+                await asyncio.wait({loading}, timeout=LOADING_REPORT_S)
+                if not loading.done():
+                    logger.info("The engine is still starting (%.0f s so far; torch compilation, where on, "
+                                "is most of it: --enforce-eager skips it)", time.monotonic() - started)
+            state.model = loading.result()
             state.created = int(time.time())
             await state.model.load_adapters()
             logger.info("Engine ready: serving %s", ", ".join(map(repr, [state.served_name, *state.adapters])))
