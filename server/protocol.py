@@ -1,9 +1,11 @@
 """Request and response models of the OpenAI API, with the vLLM extensions that its clients use.
 
-Request models keep unknown fields (`model_extra`): those are the flat parameters of the chosen
-sampler, validated by the sampler's own `Params` model.
+Request models keep unknown fields (`model_extra`): the flat parameters of the chosen sampler,
+validated by the sampler's own `Params` model, and fields of other APIs, which server/requests.py
+refuses or ignores.
 """
 
+import functools
 import time
 import uuid
 from typing import Annotated, Literal
@@ -123,6 +125,28 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     logprobs: bool = Field(False, description="Report the log p of each output token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+
+
+# Fields of vLLM's API that change nothing a response of this server carries, whatever their value:
+# scheduling and bookkeeping, distributed KV transfer, tool and multimodal options without tools or
+# images, expert-routing diagnostics.
+VLLM_FIELDS_SAFE_TO_IGNORE = frozenset({
+    "priority", "request_id", "session_id", "cache_salt", "kv_transfer_params", "ec_transfer_params",
+    "stream_interval", "parallel_tool_calls", "include_reasoning", "media_io_kwargs", "mm_processor_kwargs",
+    "return_mm_kwargs", "routed_experts_prompt_start",
+})
+
+
+@functools.cache
+def vllm_field_defaults(request: type[SamplingFields]) -> dict[str, object]:
+    """The fields of vLLM's own request model for this endpoint that this one lacks, with vLLM's
+    defaults: the API of the pinned vLLM, read from its source rather than copied."""
+    if issubclass(request, ChatCompletionRequest):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmRequest
+    else:
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmRequest
+    return {name: field.get_default(call_default_factory=True)
+            for name, field in VllmRequest.model_fields.items() if name not in request.model_fields}
 
 
 # Responses

@@ -1,6 +1,8 @@
 """Request preparation: which sampler and model a request names, and every check a request must
 pass, against the model, the sampler and the server's limits, before it may run."""
 
+import difflib
+import logging
 from typing import NamedTuple
 
 from pydantic import BaseModel, ValidationError
@@ -10,10 +12,29 @@ from server import protocol as p
 from server.errors import APIError, bad_request
 from server.state import EngineState
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SAMPLER = "direct"
+SAMPLER_PARAMETERS = sorted({name for sampler in REGISTRY.values() for name in sampler.Params.model_fields})
+# How alike (difflib's ratio) a field's name and a sampler parameter's must be for the field to be
+# taken as a misspelling: 'power_alhpa' and 'power_alpha' are 0.91 alike, 'particle' and
+# 'particles' 0.94. No field of vLLM's API is that close to a parameter, or the end of one
+# (tests/test_sampler_selection.py), so none is refused as a misspelling.
+CLOSE = 0.8
+IGNORED_FIELDS_HEADER = "x-ignored-fields"
+# The ignored fields logged so far, up to a bound: a client sending ever new names must not grow it forever.
+_reported: set[str] = set()
+REPORTED_AT_MOST = 1000
 
 
-def resolve_sampler(state: EngineState, body: p.SamplingFields) -> tuple[Sampler, BaseModel, str | None]:
+class Resolved(NamedTuple):
+    sampler: Sampler
+    params: BaseModel  # the sampler's parameters, validated
+    adapter: str | None  # the distilled model's name, if the request names one
+    ignored: list[str]  # the request's fields that are ignored
+
+
+def resolve_sampler(state: EngineState, body: p.SamplingFields) -> Resolved:
     """Pick the sampler named by `sampler` or a ':SAMPLER' model suffix, validate its fields, and
     say which distilled model's adapter to decode with, if the request names one."""
     names = [state.served_name, *state.adapters]
@@ -35,11 +56,53 @@ def resolve_sampler(state: EngineState, body: p.SamplingFields) -> tuple[Sampler
     if sampler is None:
         raise bad_request(f"Unknown sampler '{name}'. Valid samplers: {', '.join(sorted(REGISTRY))}.",
                           param="sampler")
+    sampler_fields, ignored = _sort_extra_fields(sampler, body)
     try:
-        params = sampler.Params.model_validate(body.model_extra or {})
+        params = sampler.Params.model_validate(sampler_fields)
     except ValidationError as exc:
         raise _sampler_param_error(sampler, exc) from None
-    return sampler, params, adapter
+    return Resolved(sampler, params, adapter, ignored)
+
+
+def _sort_extra_fields(sampler: Sampler, body: p.SamplingFields) -> tuple[dict, list[str]]:
+    """The request's fields beyond the OpenAI ones it implements: those of the samplers' parameters,
+    and the names of the fields that are ignored (docs/api.md, "Fields this server does not know").
+
+    A parameter of another sampler (refused by the sampler's own model, with its parameters), or a
+    name close to a sampler's parameter (a misspelling), is refused: ignoring it would silently
+    decode otherwise than asked. So is a field of vLLM's API, set to other than vLLM's default, that
+    would change what vLLM's server returns and that this server does not implement. Other fields
+    are ignored, as vLLM's server ignores those it does not know.
+    """
+    extra = body.model_extra or {}
+    sampler_fields = {name: value for name, value in extra.items() if name in SAMPLER_PARAMETERS}
+    vllm_defaults = p.vllm_field_defaults(type(body))
+    ignored = []
+    for name, value in extra.items():
+        if name in sampler_fields:
+            continue
+        meant = _meant(name)
+        if meant:
+            raise bad_request(f"Unknown parameter '{name}'; did you mean '{meant}'? Sampler "
+                              f"'{sampler.name}' takes {', '.join(sampler.Params.model_fields) or 'none'}.",
+                              param=name)
+        if name in vllm_defaults and name not in p.VLLM_FIELDS_SAFE_TO_IGNORE and value not in (
+                None, vllm_defaults[name]):
+            raise bad_request(f"'{name}' is a field of vLLM's API that this server does not implement; "
+                              "leave it out or set it to its default.", param=name)
+        if name not in _reported and len(_reported) < REPORTED_AT_MOST:
+            _reported.add(name)
+            logger.warning("Ignoring the request field %r, which this server does not use (logged once "
+                           "per field name; responses name them in %s).", name, IGNORED_FIELDS_HEADER)
+        ignored.append(name)
+    return sampler_fields, ignored
+
+
+def _meant(name: str) -> str | None:
+    """The sampler parameter that the field `name` probably misspells ('power_alhpa') or shortens
+    ('alpha' for power_alpha), if any."""
+    close = difflib.get_close_matches(name, SAMPLER_PARAMETERS, n=1, cutoff=CLOSE)
+    return close[0] if close else next((param for param in SAMPLER_PARAMETERS if param.endswith("_" + name)), None)
 
 
 def _sampler_param_error(sampler: Sampler, exc: ValidationError) -> APIError:

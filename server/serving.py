@@ -58,7 +58,7 @@ class Run:
         logprobs: int | None,
         request_id: str,
     ):
-        self.sampler, self.params, self.adapter = resolve_sampler(state, body)
+        self.sampler, self.params, self.adapter, self.ignored_fields = resolve_sampler(state, body)
         self.label = DISTILLED if self.adapter else self.sampler.name
         self.metrics = RequestMetrics(self.adapter or state.served_name, self.label)
         self.spend = Spend()

@@ -3,6 +3,7 @@ deadline, aborted when the client leaves."""
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from samplers import ChoiceDelta
+from server.requests import IGNORED_FIELDS_HEADER
 from server.serving import Run
 
 # A blank line: to SSE an empty event, which every client skips. Not a ": comment" line: vLLM's
@@ -41,7 +43,7 @@ class RunStream(StreamingResponse):
     (Starlette then never starts the body generator, whose own cleanup would not run)."""
 
     def __init__(self, run: Run, fmt: Format):
-        super().__init__(_sse(run, fmt), media_type="text/event-stream")
+        super().__init__(_sse(run, fmt), media_type="text/event-stream", headers=_headers(run))
         self.run = run
 
     async def __call__(self, scope, receive, send) -> None:
@@ -83,7 +85,16 @@ async def respond(run: Run, http_request: Request, stream: bool, fmt: Format) ->
         run.finish(error)
         raise error from None
     run.finish(None)
-    return JSONResponse(task.result().model_dump(mode="json"))
+    return JSONResponse(task.result().model_dump(mode="json"), headers=_headers(run))
+
+
+def _headers(run: Run) -> dict[str, str]:
+    """The request's ignored fields, if any, named in a header of the response; percent-encoded
+    where a name is not plain ASCII letters, digits and '_.-~', since a header is latin-1 text and
+    the list is comma-separated."""
+    if not run.ignored_fields:
+        return {}
+    return {IGNORED_FIELDS_HEADER: ", ".join(urllib.parse.quote(name, safe="") for name in run.ignored_fields)}
 
 
 async def _disconnected(http_request: Request) -> None:

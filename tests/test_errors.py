@@ -41,8 +41,24 @@ def test_sampler_by_model_suffix_and_field(client, http):
 
 def test_unknown_parameter_names_it(http, client):
     assert_error(complete(http, power_alpha=4), 400, "power_alpha", "'power_alpha'")
-    with pytest.raises(openai.BadRequestError, match="bogus"):
-        client.completions.create(model=MODEL, prompt="Hi", extra_body={"bogus": 1})
+    assert_error(complete(http, sampler="power_mcmc", power_alhpa=4), 400, "power_alhpa",
+                 "did you mean 'power_alpha'?")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       response_format={"type": "json_object"})
+
+
+def test_fields_of_other_apis_are_ignored_and_named(client, http):
+    """What OpenAI SDK users send and vLLM's server takes: fields this server does not use."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+        metadata={"team": "a"}, parallel_tool_calls=False, store=False, extra_body={"bogus": 1})
+    assert raw.status_code == 200 and raw.parse().choices[0].message.content is not None
+    assert set(raw.headers["x-ignored-fields"].split(", ")) == {"metadata", "parallel_tool_calls", "store", "bogus"}
+    streamed = complete(http, stream=True, metadata={"team": "a"})
+    assert streamed.status_code == 200 and streamed.headers["x-ignored-fields"] == "metadata"
+    assert streamed.text.endswith("data: [DONE]\n\n")
+    assert "x-ignored-fields" not in complete(http).headers
 
 
 @pytest.mark.parametrize("fields, param", [

@@ -5,7 +5,7 @@ import pytest
 from samplers import REGISTRY
 from server import protocol as p
 from server.errors import APIError
-from server.requests import resolve_sampler
+from server.requests import SAMPLER_PARAMETERS, _meant, resolve_sampler
 from server.state import EngineState
 
 pytestmark = pytest.mark.fast  # needs no engine: `make test-fast`
@@ -18,14 +18,14 @@ def request(**fields) -> p.CompletionRequest:
 
 
 def test_direct_is_the_default_and_registered():
-    sampler, params, adapter = resolve_sampler(STATE, request())
+    sampler, params, adapter, ignored = resolve_sampler(STATE, request())
     assert sampler is REGISTRY["direct"]
-    assert params.model_dump() == {} and adapter is None
+    assert params.model_dump() == {} and adapter is None and ignored == []
 
 
 def test_a_distilled_model_decodes_directly_with_its_adapter():
     for model in ("tuned", "tuned:direct"):
-        sampler, _, adapter = resolve_sampler(STATE, request(model=model))
+        sampler, _, adapter, _ = resolve_sampler(STATE, request(model=model))
         assert sampler is REGISTRY["direct"] and adapter == "tuned"
 
 
@@ -35,7 +35,11 @@ def test_a_distilled_model_decodes_directly_with_its_adapter():
     ({"model": "m:nope"}, 400, "sampler"),
     ({"sampler": "nope"}, 400, "sampler"),
     ({"model": "m:direct", "sampler": "other"}, 400, "sampler"),
-    ({"alpha": 2}, 400, "alpha"),
+    ({"alpha": 2}, 400, "alpha"),  # power_alpha, shortened
+    ({"sampler": "power_mcmc", "power_alhpa": 2}, 400, "power_alhpa"),  # misspelt
+    ({"sampler": "power_mcmc", "particles": 2}, 400, "particles"),  # power_smc's
+    ({"response_format": {"type": "json_object"}}, 400, "response_format"),  # vLLM's, not ours
+    ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"model": "tuned:power_mcmc"}, 400, "sampler"),
     ({"model": "tuned", "sampler": "power_scalable"}, 400, "sampler"),
 ])
@@ -45,11 +49,28 @@ def test_resolution_errors(fields, status, param):
     assert (caught.value.status, caught.value.param) == (status, param)
 
 
+def test_fields_of_other_apis_that_change_nothing_are_ignored():
+    resolved = resolve_sampler(STATE, request(sampler="power_mcmc", power_alpha=2, metadata={"user": "x"},
+                                              priority=3, logit_bias=None, echo=False))
+    assert resolved.params.power_alpha == 2
+    assert resolved.ignored == ["metadata", "priority", "logit_bias", "echo"]
+    chat = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                   "parallel_tool_calls": False, "store": True})
+    assert resolve_sampler(STATE, chat).ignored == ["parallel_tool_calls", "store"]
+
+
+def test_no_field_of_vllms_api_passes_for_a_misspelt_sampler_parameter():
+    """Else a request that vLLM's server takes would be refused here as a misspelling."""
+    for request_model in (p.CompletionRequest, p.ChatCompletionRequest):
+        for name in [*p.vllm_field_defaults(request_model), *request_model.model_fields]:
+            assert name in SAMPLER_PARAMETERS or _meant(name) is None, name
+
+
 def test_served_name_containing_a_colon_is_not_split():
     state = EngineState(served_name="org/model:v1", root="/x")
-    sampler, _, _ = resolve_sampler(state, request(model="org/model:v1"))
+    sampler = resolve_sampler(state, request(model="org/model:v1")).sampler
     assert sampler.name == "direct"
-    sampler, _, _ = resolve_sampler(state, request(model="org/model:v1:direct"))
+    sampler = resolve_sampler(state, request(model="org/model:v1:direct")).sampler
     assert sampler.name == "direct"
 
 
