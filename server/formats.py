@@ -1,8 +1,11 @@
 """Endpoint-specific halves of serving: how each endpoint builds its prompts and shapes its output."""
 
-from samplers import ChoiceDelta, TokenLogprob
+import math
+
+from samplers import ChoiceDelta, Spend, TokenLogprob
 from server import protocol as p
 from server.errors import bad_request
+from server.requests import DEFAULT_SAMPLER, check_in_vocabulary, check_model_name
 from server.serving import ChoiceState, Run
 from server.state import EngineState
 from server.transport import Format
@@ -18,16 +21,73 @@ def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
     tokenizer = state.ready_model().tokenizer
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template's own checks, e.g. roles it does not allow
-        raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
-    # The template already wrote the special tokens it wants.
-    prompt = tokenizer.encode(text, add_special_tokens=False)
+    prompt = chat_prompt(tokenizer, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return Run(state, body, [prompt], max_tokens, logprobs, p.new_id("chatcmpl"))
+
+
+def chat_prompt(tokenizer, messages: list[p.ChatMessage], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `messages` written out by the model's chat template."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.text()} for m in messages], tokenize=False,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+    except Exception as exc:  # the template's own checks, e.g. roles it does not allow
+        raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
+    # The template already wrote the special tokens it wants, unless asked for more.
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def tokenize(state: EngineState, body: p.TokenizeRequest) -> p.TokenizeResponse:
+    model = state.ready_model()
+    check_model_name(state, body.model)
+    if body.prompt is not None:
+        ids = model.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    else:
+        ids = chat_prompt(model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message,
+                          bool(body.add_special_tokens))
+    strings = model.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return p.TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids, token_strs=strings)
+
+
+async def completion_logprob(state: EngineState, body: p.CompletionLogprobRequest) -> p.CompletionLogprobResponse:
+    """The base model's log p of each completion token, from one prefill of prompt and completion,
+    run in a slot of `direct`'s admission gate."""
+    model = state.ready_model()
+    if body.model in state.adapters:
+        raise bad_request(f"'{body.model}' is a distilled model; this route scores with the base model "
+                          f"'{state.served_name}' only.", param="model")
+    check_model_name(state, body.model)
+    if not model.can_score:
+        raise bad_request("This server cannot score: vLLM's CPU engine cannot compute prompt log-probabilities "
+                          "while it serves LoRA adapters (--distilled).", param="model")
+    tokenizer = model.tokenizer
+    prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
+    completion = (tokenizer.encode(body.completion, add_special_tokens=False) if isinstance(body.completion, str)
+                  else body.completion)
+    check_in_vocabulary(model, prompt, "Prompt token ids", param="prompt")
+    check_in_vocabulary(model, completion, "Completion token ids", param="completion")
+    if len(prompt) + len(completion) > model.max_model_len:
+        raise bad_request(f"Prompt and completion ({len(prompt) + len(completion)} tokens) exceed the model's "
+                          f"context of {model.max_model_len} tokens.", param="completion")
+    ticket = state.gates[DEFAULT_SAMPLER].admit()
+    try:
+        await ticket.wait()
+        scored = await model.score(prompt + completion, len(prompt), p.new_id("score"), Spend())
+    finally:
+        ticket.release()
+    logprobs = [t.logprob for t in scored]
+    return p.CompletionLogprobResponse(model=body.model, logprob=math.fsum(logprobs), tokens=completion,
+                                       token_logprobs=logprobs, prompt_tokens=len(prompt))
+
+
+def detokenize(state: EngineState, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+    model = state.ready_model()
+    check_model_name(state, body.model)
+    check_in_vocabulary(model, body.tokens, "Token ids", param="tokens")
+    return p.DetokenizeResponse(prompt=model.tokenizer.decode(body.tokens))
 
 
 # JSON has no -infinity: tokens that cannot be drawn (cut by top-k or top-p) are reported at this

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from samplers import DecodeParams
 
@@ -127,6 +127,45 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's server has it: a `prompt`, or chat `messages` through the chat template."""
+
+    model: str | None = Field(None, description="A served model name (default: the base model).")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(
+        None, description="Add the tokenizer's special tokens (default: for a prompt yes; for messages no, "
+        "since the chat template writes its own).")
+    add_generation_prompt: bool = Field(True, description="Messages only: end with the assistant's turn opening.")
+    continue_final_message: bool = Field(False, description="Messages only: leave the last message open.")
+    return_token_strs: bool = Field(False, description="Return each token's string beside its id.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt set to false")
+        return self
+
+
+class CompletionLogprobRequest(BaseModel):
+    """POST /v1/completion_logprob: how likely the base model finds a given completion."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="The served (base) model's name.")
+    prompt: NonEmptyString | Annotated[list[int], Field(min_length=1)] = Field(
+        description="Text (tokenized as /v1/completions does) or token ids.")
+    completion: NonEmptyString | Annotated[list[int], Field(min_length=1)] = Field(
+        description="Text (tokenized on its own, without special tokens: pass token ids where the "
+        "tokenization must be that of a sampled completion) or token ids.")
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = Field(None, description="A served model name (default: the base model).")
+    tokens: list[int]
+
+
 # Fields of vLLM's API that change nothing a response of this server carries, whatever their value:
 # scheduling and bookkeeping, distributed KV transfer, tool and multimodal options without tools or
 # images, expert-routing diagnostics.
@@ -150,6 +189,32 @@ def vllm_field_defaults(request: type[SamplingFields]) -> dict[str, object]:
 
 
 # Responses
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class CompletionLogprobResponse(BaseModel):
+    object: Literal["completion_logprob"] = "completion_logprob"
+    model: str
+    logprob: float = Field(description="log p(completion | prompt) under the base model, temperature 1: "
+                           "the self-reward that power samplers raise.")
+    tokens: list[int] = Field(description="The completion's token ids.")
+    token_logprobs: list[float] = Field(description="log p of each completion token given all before it.")
+    prompt_tokens: int
+
+
+class VersionResponse(BaseModel):
+    version: str = Field(description="The vLLM version serving the model, as vLLM's own /version reports it.")
+    server_version: str = Field(description="This server's version.")
 
 
 class Usage(BaseModel):

@@ -34,16 +34,26 @@ class Resolved(NamedTuple):
     ignored: list[str]  # the request's fields that are ignored
 
 
+def check_model_name(state: EngineState, name: str | None) -> None:
+    """404 unless `name` is None or a served model's name."""
+    if name is not None and name not in state.served_names():
+        raise _no_such_model(state, name)
+
+
+def _no_such_model(state: EngineState, name: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist; this server serves "
+                    f"{', '.join(map(repr, state.served_names()))}.", param="model")
+
+
 def resolve_sampler(state: EngineState, body: p.SamplingFields) -> Resolved:
     """Pick the sampler named by `sampler` or a ':SAMPLER' model suffix, validate its fields, and
     say which distilled model's adapter to decode with, if the request names one."""
-    names = [state.served_name, *state.adapters]
+    names = state.served_names()
     base, suffix = body.model, None
     if base not in names:
         base, _, suffix = body.model.rpartition(":")
         if base not in names:
-            raise APIError(404, f"The model '{body.model}' does not exist; "
-                           f"this server serves {', '.join(map(repr, names))}.", param="model")
+            raise _no_such_model(state, body.model)
     adapter = base if base in state.adapters else None
     if suffix and body.sampler and suffix != body.sampler:
         raise bad_request(f"The model suffix ':{suffix}' and sampler '{body.sampler}' disagree.",
@@ -171,7 +181,7 @@ def _check_decode(model, decode: DecodeParams) -> None:
     if decode.min_tokens > decode.max_tokens:
         raise bad_request(f"min_tokens ({decode.min_tokens}) exceeds max_tokens ({decode.max_tokens}).",
                           param="min_tokens")
-    _check_in_vocabulary(model, decode.stop_token_ids, "stop_token_ids", param="stop_token_ids")
+    check_in_vocabulary(model, decode.stop_token_ids, "stop_token_ids", param="stop_token_ids")
     if decode.temperature == 0 and decode.n > 1:
         raise bad_request("Greedy decoding (temperature 0) gives one completion: n must be 1.", param="n")
 
@@ -179,11 +189,11 @@ def _check_decode(model, decode: DecodeParams) -> None:
 def _checked_prompt(model, ids: list[int]) -> list[int]:
     if not ids:
         raise bad_request("The prompt is empty.", param="prompt")
-    _check_in_vocabulary(model, ids, "Prompt token ids", param="prompt")
+    check_in_vocabulary(model, ids, "Prompt token ids", param="prompt")
     return ids
 
 
-def _check_in_vocabulary(model, token_ids, what: str, param: str) -> None:
+def check_in_vocabulary(model, token_ids, what: str, param: str) -> None:
     if any(not 0 <= t < model.vocab_size for t in token_ids):
         raise bad_request(f"{what} must lie in [0, {model.vocab_size}).", param=param)
 

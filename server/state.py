@@ -22,6 +22,10 @@ class EngineState:
             queued = limits.max_queued.get(name, QUEUE_FACTOR * concurrent)
             self.gates[name] = Gate(served_name, name, concurrent, queued)
 
+    def served_names(self) -> list[str]:
+        """The base model's name, then the distilled models'."""
+        return [self.served_name, *self.adapters]
+
     def ready_model(self):
         if self.model is None:
             raise APIError(503, "The engine is still loading; retry when GET /health answers 200.")

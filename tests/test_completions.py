@@ -4,9 +4,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.conftest import MODEL, STARTUP_TIMEOUT_S, assert_base_logprobs
+from tests.test_errors import assert_error
 
 PROMPT = "The capital of France is"
 
@@ -151,9 +153,16 @@ def test_logprobs_are_the_models_own_at_any_temperature(live_server, client, tem
     assert r.choices[0].logprobs.text_offset[0] == 0
 
 
-def test_logprobs_equal_vllms_own_servers(live_server, client, tmp_path):
+TOKENIZE = [{"prompt": PROMPT}, {"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True},
+            {"messages": [{"role": "user", "content": "Hi"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}],
+             "add_generation_prompt": False, "continue_final_message": True, "return_token_strs": True}]
+
+
+def test_logprobs_and_tokenizer_routes_equal_vllms_own_servers(live_server, client, http, tmp_path):
     """vLLM's own OpenAI server on the same model and engine settings answers the same seeded
-    request with the same tokens, log-probabilities and alternatives, at temperature 1 and 0.5."""
+    request with the same tokens, log-probabilities and alternatives, at temperature 1 and 0.5;
+    and /tokenize, /detokenize and /version answer as its do."""
     from openai import OpenAI
 
     from harness.servers import free_port, start_server, stop_server, wait_healthy
@@ -171,6 +180,15 @@ def test_logprobs_equal_vllms_own_servers(live_server, client, tmp_path):
             assert ours.token_logprobs == pytest.approx(vllms.token_logprobs, abs=1e-4)
             for mine, other in zip(ours.top_logprobs, vllms.top_logprobs, strict=True):
                 assert mine == pytest.approx(other, abs=1e-4)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as vllm_http:
+            for body in TOKENIZE:
+                answers = [h.post("/tokenize", json={"model": MODEL, **body}) for h in (http, vllm_http)]
+                assert answers[0].status_code == answers[1].status_code == 200, answers[0].text
+                assert answers[0].json() == answers[1].json(), body
+            tokens = answers[0].json()["tokens"]
+            assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json() == vllm_http.post(
+                "/detokenize", json={"model": MODEL, "tokens": tokens}).json()
+            assert http.get("/version").json()["version"] == vllm_http.get("/version").json()["version"]
     finally:
         stop_server("vllm", process)
 
@@ -190,3 +208,56 @@ def test_a_repeated_prompt_is_prefilled_once(client):
     second, _ = prefilled()
     assert length > 64 and first == length
     assert second == length - 32 * ((length - 1) // 32)
+
+
+def test_tokenize_gives_the_prompt_the_endpoints_run(client, http):
+    """The chat messages' token ids are those the chat endpoint runs; a prompt's, those the
+    completions endpoint does; detokenize inverts; /ping answers as /health."""
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                          extra_body={"return_token_ids": True})
+    assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == chat.prompt_token_ids
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, extra_body={"return_token_ids": True})
+    tokenized = http.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert tokenized["tokens"] == completion.choices[0].prompt_token_ids and tokenized["count"] == len(tokenized["tokens"])
+    assert http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json() == {"prompt": PROMPT}
+    assert http.get("/ping").status_code == http.post("/ping").status_code == 200
+
+
+def test_completion_logprob_is_the_base_models_log_p(client, http, live_server, tokenizer):
+    """Of a sampled completion: the log p the completions endpoint reported for each token, and a
+    float32 Hugging Face forward pass's; text completions are tokenized on their own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.scoring import completion_token_logps
+
+    choice = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, logprobs=0, seed=3,
+                                       extra_body={"return_token_ids": True}).choices[0]
+    scored = http.post("/v1/completion_logprob", json={"model": MODEL, "prompt": choice.prompt_token_ids,
+                                                       "completion": choice.token_ids}).json()
+    assert scored["tokens"] == choice.token_ids and scored["prompt_tokens"] == len(choice.prompt_token_ids)
+    assert scored["token_logprobs"] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-4)
+    assert scored["logprob"] == pytest.approx(sum(scored["token_logprobs"]), abs=1e-9)
+    base = AutoModelForCausalLM.from_pretrained(live_server.model_dir, dtype=torch.float32)
+    assert scored["token_logprobs"] == pytest.approx(
+        completion_token_logps(base, choice.prompt_token_ids, choice.token_ids), abs=2e-3)
+    text = http.post("/v1/completion_logprob", json={"model": MODEL, "prompt": PROMPT, "completion": " Paris"}).json()
+    assert text["tokens"] == tokenizer.encode(" Paris", add_special_tokens=False)
+    assert text["prompt_tokens"] == len(tokenizer.encode(PROMPT))
+
+
+@pytest.mark.parametrize("route, body, status, param", [
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400, None),
+    ("/tokenize", {}, 400, None),
+    ("/tokenize", {"messages": [{"role": "user", "content": "a"}], "continue_final_message": True}, 400, None),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    ("/detokenize", {"tokens": [10 ** 9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/v1/completion_logprob", {"model": MODEL, "prompt": "a", "completion": [10 ** 9]}, 400, "completion"),
+    ("/v1/completion_logprob", {"model": MODEL, "prompt": "a", "completion": [0] * 2048}, 400, "completion"),
+    ("/v1/completion_logprob", {"model": MODEL, "prompt": [], "completion": "a"}, 400, "prompt"),
+    ("/v1/completion_logprob", {"model": "gpt-4", "prompt": "a", "completion": "b"}, 404, "model"),
+])
+def test_tokenizer_and_scoring_routes_refuse_bad_input(http, route, body, status, param):
+    assert_error(http.post(route, json=body), status, param)

@@ -109,6 +109,11 @@ def test_base_model_power_samplers_run_beside_adapters(server):
         assert answer.usage.completion_tokens >= 1 and answer.sampler_usage["engine_tokens_scored"] == 0
     with server.http() as http:
         assert http.get("/health").status_code == 200
+        # Nor can the scoring route score here: a 400 that says why, for either model's name.
+        for model in (MODEL, DISTILLED):
+            scored = http.post("/v1/completion_logprob", json={"model": model, "prompt": PROMPT, "completion": " a"})
+            assert scored.status_code == 400 and scored.json()["error"]["param"] == "model"
+        assert http.get("/health").status_code == 200
 
 
 def start_failure(*flags: str) -> subprocess.CompletedProcess:
