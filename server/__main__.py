@@ -117,12 +117,19 @@ def environment_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
             off = "--no-" + flag.removeprefix("--")
             arguments += [flag] if switch in TRUE else [off] if off in action.option_strings else []
         elif isinstance(action, argparse._AppendAction):
-            arguments += [part for item in shlex.split(value) for part in (flag, item)]
+            arguments += [part for item in _words(variable, value) for part in (flag, item)]
         elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
-            arguments += [flag, *shlex.split(value)]
+            arguments += [flag, *_words(variable, value)]
         else:
             arguments.append(f"{flag}={value}")
     return arguments
+
+
+def _words(variable: str, value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as exc:  # an unclosed quote
+        raise ValueError(f"{variable}={value!r}: {exc}") from None
 
 
 def admission_limits(args: argparse.Namespace) -> Limits:

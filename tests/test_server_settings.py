@@ -40,6 +40,7 @@ def test_the_command_line_wins():
     ({"POWERSERVE_MAX_MODEL_LENGTH": "2048"}, "POWERSERVE_MAX_MODEL_LENGTH names no flag (--max-model-length)"),
     ({"POWERSERVE_ENFORCE_EAGER": "maybe"}, "--enforce-eager is a switch, so its value must be one of 1, true"),
     ({"POWERSERVE_PORT": "eighty"}, "argument --port: invalid int value: 'eighty'"),
+    ({"POWERSERVE_DISTILLED": "a='/b"}, "POWERSERVE_DISTILLED=\"a='/b\": No closing quotation"),
     ({"POWERSERVE_REQUEST_TIMEOUT": "0"}, "--request-timeout must be positive"),
 ])
 def test_a_bad_variable_is_a_one_line_error(environ, message, capsys):
