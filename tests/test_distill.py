@@ -39,13 +39,14 @@ OPD = ("--method", "opd", "--opd-teacher", OPD_TEACHER, "--teacher-enforce-eager
 
 @pytest.fixture(scope="module")
 def miniature(model_dir, tmp_path_factory) -> Path:
-    """Self-reward RL and on-policy distillation on 2 GSM8K train prompts; then the whole offline loop
-    on 4 prompts, 8 tokens each: three steps of training on one batch of all four; and the report
-    of all three. A learning rate of 1e-3 is high enough that each adapter visibly moves the model."""
+    """Self-reward RL on 2 GSM8K train prompts; then the whole offline loop on 4 prompts, 8 tokens
+    each: three steps of training on one batch of all four; and the report of both runs. A learning
+    rate of 1e-3 is high enough that each adapter visibly moves the model. (On-policy distillation
+    trains in a test of its own, which also stops and resumes it.)"""
     workdir = tmp_path_factory.mktemp("distill")
-    for method in (("--method", "self-reward"), OPD):
-        result = distill("train", "--workdir", str(workdir), "--base-model", str(model_dir), *method, *ON_POLICY)
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = distill("train", "--workdir", str(workdir), "--base-model", str(model_dir), "--method", "self-reward",
+                     *ON_POLICY)
+    assert result.returncode == 0, result.stderr[-3000:]
     result = distill("all", "--workdir", str(workdir), "--base-model", str(model_dir), "--limit", "4",
                      "--max-tokens", "8", "--sampler", SAMPLER, "--epochs", "3", "--batch-size", "4",
                      "--learning-rate", "0.001", "--eval-prompts", "2")
@@ -111,13 +112,13 @@ def test_adapter_and_merged_model_raise_the_likelihood_of_the_teacher_samples(mi
 
 
 def test_report_serves_every_adapter_beside_the_base_model(miniature, model_dir):
-    """The report's server loaded each method's adapter as a distilled model, LoRA and merged: the
+    """The report's server loaded each run's adapter as a distilled model, LoRA and merged: the
     log p it reported for each token of a row's answers is nearer a float32 forward pass of the base
-    model plus that method's adapter than of the base model alone. Measured on a bf16 server: 0.07 to
-    0.70 nats from the adapter against 0.83 to 4.9 from the base model, summed over the 16 tokens;
-    distillation's two steps move the model least (0.19-0.31 against 0.83-0.95). Comparing the
-    answers with the base model's, drawn with the same seeds, would not do: so small a move can draw
-    the same 16 tokens, as it did once in CI."""
+    model plus that run's adapter than of the base model alone. Measured on a bf16 server: 0.07 to
+    0.70 nats from the adapter against 0.83 to 4.9 from the base model, summed over the 16 tokens
+    (on-policy distillation's two steps, in the report then, moved the model least: 0.19-0.31
+    against 0.83-0.95). Comparing the answers with the base model's, drawn with the same seeds,
+    would not do: so small a move can draw the same 16 tokens, as it did once in CI."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -126,13 +127,13 @@ def test_report_serves_every_adapter_beside_the_base_model(miniature, model_dir)
     report = json.loads((miniature / "report.json").read_text())
     assert report["command"].startswith("python -m distill all")
     summary = report["evaluation"]["summary"]
-    runs = ["sft", "self-reward", "opd"]
+    runs = ["sft", "self-reward"]
     distilled = [f"{run} (LoRA adapter), direct" for run in runs] + [f"{run} (merged), direct" for run in runs]
     assert list(summary) == ["base model, direct", "base model, power_scalable", *distilled]
     assert all(row["completions"] == 2 for row in summary.values())
     assert report["teacher"]["samples"] == 4 and report["training"]["sft"]["steps"] == 3
     assert {run: report["training"][run]["method"] for run in runs} == dict(zip(runs, runs))
-    assert "| opd (merged), direct |" in (miniature / "report.md").read_text()
+    assert "| self-reward (merged), direct |" in (miniature / "report.md").read_text()
     assert (miniature / "report.png").read_bytes().startswith(b"\x89PNG")
     records = [json.loads(line) for line in (miniature / "eval.jsonl").read_text().splitlines()]
 
@@ -167,10 +168,9 @@ def test_rerun_redoes_nothing(miniature, model_dir):
     assert_clear_failure(other, "was trained with other settings or data")
 
 
-@pytest.mark.parametrize("run, own_metric", [("self-reward", "objective"), ("opd", "token_reward")])
-def test_on_policy_runs_log_reward_kl_gradient_norm_and_loss_every_step(miniature, run, own_metric):
-    """`objective` is self-reward's alpha log p_base(y) - log pi(y), `token_reward` the distillation reward."""
-    summary = json.loads((miniature / run / "train.json").read_text())
+def assert_logged_every_step(summary: dict, run: str, own_metric: str) -> None:
+    """An on-policy run's train.json after its two steps: loss, gradient norm, reward, KL to the
+    base model and the method's own figure at each step; GRPO's KL term off."""
     assert summary["method"] == run and summary["steps"] == 2
     assert summary["settings"]["objective"] == train.OBJECTIVES[run]
     assert [entry["step"] for entry in summary["log"]] == [1, 2]
@@ -178,51 +178,64 @@ def test_on_policy_runs_log_reward_kl_gradient_norm_and_loss_every_step(miniatur
         assert {"loss", "grad_norm", "reward", "kl_to_base", own_metric} <= set(entry)
         assert "kl" not in entry  # GRPO's KL term is off
         assert entry["reward"] < 0  # the base model's log-likelihood of the completions
-    if run == "self-reward":  # before the first update pi = p, so the objective is (alpha - 1) log p
-        first = summary["log"][0]
-        assert first["objective"] == pytest.approx((summary["settings"]["power_alpha"] - 1) * first["reward"],
-                                                   rel=1e-3)
     # Before the first update the adapter is zero (LoRA's B starts at 0): the policy is the base model.
     assert summary["log"][0]["kl_to_base"] == 0 and summary["log"][1]["kl_to_base"] != 0
-    assert sorted(p.name for p in (miniature / run / "checkpoints").glob("checkpoint-*")) == [
+
+
+def test_self_reward_logs_its_objective_every_step(miniature):
+    """`objective` is alpha log p_base(y) - log pi(y); before the first update pi = p, so it is
+    (alpha - 1) log p."""
+    summary = json.loads((miniature / "self-reward" / "train.json").read_text())
+    assert_logged_every_step(summary, "self-reward", "objective")
+    first = summary["log"][0]
+    assert first["objective"] == pytest.approx((summary["settings"]["power_alpha"] - 1) * first["reward"], rel=1e-3)
+    assert sorted(p.name for p in (miniature / "self-reward" / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-1", "checkpoint-2"]
 
 
-def test_interrupted_on_policy_run_resumes_from_its_last_checkpoint(miniature, model_dir, tmp_path):
-    """A self-reward run stopped after its first step's checkpoint trains only the second step."""
-    shutil.copytree(miniature / "self-reward", tmp_path / "self-reward")
-    for name in ("adapter", "merged", "checkpoints/checkpoint-2"):
-        shutil.rmtree(tmp_path / "self-reward" / name)
-    (tmp_path / "self-reward" / "train.json").unlink()
-    result = distill("train", "--workdir", str(tmp_path), "--base-model", str(model_dir), "--method", "self-reward",
-                     *ON_POLICY)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming training from" in result.stderr and "checkpoint-1" in result.stderr
-    first = json.loads((miniature / "self-reward" / "train.json").read_text())
-    again = json.loads((tmp_path / "self-reward" / "train.json").read_text())
-    assert again["steps"] == 2 and again["log"][0] == first["log"][0]
-    assert (tmp_path / "self-reward" / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_terminated_on_policy_run_leaves_no_engine_behind(model_dir, tmp_path):
-    """SIGTERM in the middle of on-policy distillation shuts the teacher's vLLM engine down (its
-    processes are children of the run's) instead of leaving it running."""
+def test_on_policy_distillation_stopped_by_sigterm_frees_its_engine_and_resumes(model_dir, tmp_path):
+    """On-policy distillation from power_scalable, sent SIGTERM in its second step, once the first
+    step's checkpoint is written: the teacher's vLLM engine (processes of the run's own) is shut
+    down rather than left running. Run again, it resumes from that checkpoint and trains only the
+    second step; the first step's log entry is the one the checkpoint kept."""
     import psutil
 
     log = tmp_path / "stderr.log"
+    command = [sys.executable, "-m", "distill", "train", "--workdir", str(tmp_path), "--base-model", str(model_dir),
+               *OPD, *ON_POLICY]
     with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "distill", "train", "--workdir", str(tmp_path), "--base-model", str(model_dir),
-             *OPD, *ON_POLICY], stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and "0/2 [" not in log.read_text():  # training has begun
-        time.sleep(0.2)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    checkpoints = tmp_path / "opd" / "checkpoints"
+    state = checkpoints / "checkpoint-1" / "trainer_state.json"  # the checkpoint's last file written
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None and not complete_json(state):
+        time.sleep(0.1)
+    assert process.poll() is None and complete_json(state), log.read_text()[-3000:]
     engine = psutil.Process(process.pid).children(recursive=True)
     assert engine, "the teacher's engine runs in processes of its own"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     gone, alive = psutil.wait_procs(engine, timeout=30)
     assert not alive
+    assert not (checkpoints / "checkpoint-2").exists()  # stopped inside the second step
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming training from" in result.stderr and "checkpoint-1" in result.stderr
+    summary = json.loads((tmp_path / "opd" / "train.json").read_text())
+    assert_logged_every_step(summary, "opd", "token_reward")
+    kept = next(e for e in json.loads(state.read_text())["log_history"] if "loss" in e)
+    assert summary["log"][0]["loss"] == kept["loss"] and summary["log"][0]["token_reward"] == kept["token_reward"]
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "opd" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def test_interrupted_teacher_resumes_without_repeats_or_losses(live_server, tmp_path):
