@@ -64,6 +64,16 @@ class DecodeParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     adapter: str | None = None  # decode with this LoRA adapter of the model (a distilled model)
+    # Constraints and detokenization options that plain decoding passes to the engine (the power
+    # samplers draw with their own decoding parameters, and the server refuses these for them).
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    structured_outputs: dict | None = None  # vLLM's StructuredOutputsParams, as keyword arguments
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 @dataclass

@@ -17,7 +17,7 @@ from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, Spend, TokenLogprob
@@ -161,24 +161,26 @@ class VllmModel:
     async def decode(
         self, prompt_token_ids: list[int], params: DecodeParams, request_id: str, spend: Spend
     ) -> AsyncIterator[list[ChoiceDelta]]:
+        started: set[int] = set()  # the choices whose prefill is counted
+        # The server checks what it knows of; vLLM checks the rest, such as a grammar or schema its
+        # structured-output backend cannot compile, when the request is added (the first output).
         try:
             sampling = _sampling_params(params)
-        except VLLMValidationError as exc:  # the server checks what it knows of; this is the rest
+            # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
+            async for output in self.engine.generate(
+                TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id,
+                lora_request=self.adapters[params.adapter] if params.adapter else None,
+            ):
+                # With n > 1 each choice is a request of its own inside vLLM, with its own prefill;
+                # its first output says how much of the prompt it found in the prefix cache.
+                for choice in output.outputs:
+                    if choice.index not in started:
+                        started.add(choice.index)
+                        spend.prefilled += len(prompt_token_ids) - (output.num_cached_tokens or 0)
+                    spend.generated += len(choice.token_ids)
+                yield [_choice_delta(o, params.logprobs) for o in output.outputs]
+        except VLLMValidationError as exc:
             raise InvalidRequest(str(exc), param=exc.parameter) from None
-        started: set[int] = set()  # the choices whose prefill is counted
-        # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
-        async for output in self.engine.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id,
-            lora_request=self.adapters[params.adapter] if params.adapter else None,
-        ):
-            # With n > 1 each choice is a request of its own inside vLLM, with its own prefill;
-            # its first output says how much of the prompt it found in the prefix cache.
-            for choice in output.outputs:
-                if choice.index not in started:
-                    started.add(choice.index)
-                    spend.prefilled += len(prompt_token_ids) - (output.num_cached_tokens or 0)
-                spend.generated += len(choice.token_ids)
-            yield [_choice_delta(o, params.logprobs) for o in output.outputs]
 
 
 class BlockingModel:
@@ -230,6 +232,14 @@ def _sampling_params(params: DecodeParams) -> SamplingParams:
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty,
         logprobs=params.logprobs,
+        min_p=params.min_p,
+        logit_bias=params.logit_bias,
+        allowed_token_ids=None if params.allowed_token_ids is None else list(params.allowed_token_ids),
+        bad_words=list(params.bad_words),
+        structured_outputs=StructuredOutputsParams(**params.structured_outputs) if params.structured_outputs else None,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        skip_special_tokens=params.skip_special_tokens,
+        spaces_between_special_tokens=params.spaces_between_special_tokens,
         output_kind=RequestOutputKind.DELTA,
     )
 

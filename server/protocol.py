@@ -26,6 +26,58 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with the usage of the request.")
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema", description="The JSON schema the output must satisfy.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that satisfies a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("type 'json_schema' needs json_schema with its schema")
+        return self
+
+    def constraint(self) -> dict | None:
+        """As vLLM's structured_outputs, or None for free text."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            return {"json": self.json_schema.json_schema}
+        return None
+
+
+STRUCTURED_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the output, with its options."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_schema: dict | str | None = Field(None, alias="json", description="A JSON schema the output must satisfy.")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, description="The output is one of these strings.")
+    grammar: str | None = Field(None, description="A context-free grammar (EBNF, as vLLM's backends read it).")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "StructuredOutputs":
+        given = self.model_dump(by_alias=True, exclude_none=True)
+        if sum(name in given for name in STRUCTURED_CONSTRAINTS) != 1:
+            raise ValueError(f"give exactly one of {', '.join(STRUCTURED_CONSTRAINTS)}")
+        return self
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -55,10 +107,36 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0, description="Tokens to generate before EOS or stop may end.")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end a completion.")
     return_token_ids: bool = Field(False, description="Return token ids beside the text.")
+    # vLLM's constraints on what the engine draws, and its detokenization options: sampler `direct`
+    # passes them to the engine; the power samplers refuse them (DIRECT_ONLY_FIELDS).
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the likeliest.")
+    logit_bias: dict[int, float] | None = Field(
+        None, description="Token id -> bias added to its logit before sampling (vLLM clamps it to [-100, 100]).")
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, description="Draw only among these tokens.")
+    bad_words: list[NonEmptyString] | None = Field(None, description="Words the output may not contain.")
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's: JSON output (json_object, or json_schema with a schema) instead of free text.")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: output that follows a JSON schema, a regex, a choice of strings or a grammar.")
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string that ended the output.")
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+    spaces_between_special_tokens: bool = True
     # Extension
     request_timeout: float | None = Field(
         None, gt=0, description="Seconds the request may take, queueing included (default and "
         "maximum: the server's --request-timeout and --max-request-timeout); past it, 504.")
+
+    @model_validator(mode="after")
+    def _one_output_constraint(self) -> "SamplingFields":
+        if self.structured_outputs and self.response_format and self.response_format.constraint():
+            raise ValueError("response_format and structured_outputs both constrain the output: give one")
+        return self
+
+    def output_constraint(self) -> dict | None:
+        """vLLM's structured_outputs, as keyword arguments of its StructuredOutputsParams."""
+        if self.response_format and self.response_format.constraint():
+            return self.response_format.constraint()
+        return self.structured_outputs.model_dump(by_alias=True, exclude_none=True) if self.structured_outputs else None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -82,7 +160,23 @@ class SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty,
             logprobs=logprobs,
             adapter=adapter,
+            min_p=self.min_p,
+            logit_bias=self.logit_bias,
+            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+            bad_words=tuple(self.bad_words or ()),
+            structured_outputs=self.output_constraint(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
+
+
+# The fields that only sampler `direct` passes on to the engine. A power sampler would not honour
+# them: the constraints would change its target p^alpha, and its text is detokenized its own way
+# (special tokens left out). include_stop_str_in_output is not among them: power samplers take no
+# stop strings, so it cannot change what they return.
+DIRECT_ONLY_FIELDS = ("min_p", "logit_bias", "allowed_token_ids", "bad_words", "response_format",
+                      "structured_outputs", "skip_special_tokens", "spaces_between_special_tokens")
 
 
 class CompletionRequest(SamplingFields):

@@ -164,6 +164,8 @@ def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, 
         raise bad_request(
             f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"model's context of {model.max_model_len} tokens.", param="max_tokens")
+    if sampler.name != DEFAULT_SAMPLER:
+        _refuse_direct_only_fields(body, sampler)
     decode = body.decode_params(max_tokens, logprobs, adapter)
     _check_decode(model, decode)
     sampler.check(model, decode, params)
@@ -176,12 +178,21 @@ def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, 
     return Checked(model, prompts, decode, timeout)
 
 
+def _refuse_direct_only_fields(body: p.SamplingFields, sampler: Sampler) -> None:
+    for name in p.DIRECT_ONLY_FIELDS:
+        if getattr(body, name) != type(body).model_fields[name].default:
+            raise bad_request(f"'{name}' is passed to the engine by sampler '{DEFAULT_SAMPLER}' only; sampler "
+                              f"'{sampler.name}' would not honour it.", param=name)
+
+
 def _check_decode(model, decode: DecodeParams) -> None:
     """Combinations of fields that no sampler can serve (the engine would refuse them)."""
     if decode.min_tokens > decode.max_tokens:
         raise bad_request(f"min_tokens ({decode.min_tokens}) exceeds max_tokens ({decode.max_tokens}).",
                           param="min_tokens")
     check_in_vocabulary(model, decode.stop_token_ids, "stop_token_ids", param="stop_token_ids")
+    check_in_vocabulary(model, decode.logit_bias or (), "logit_bias's token ids", param="logit_bias")
+    check_in_vocabulary(model, decode.allowed_token_ids or (), "allowed_token_ids", param="allowed_token_ids")
     if decode.temperature == 0 and decode.n > 1:
         raise bad_request("Greedy decoding (temperature 0) gives one completion: n must be 1.", param="n")
 

@@ -1,5 +1,6 @@
 """/v1/completions against the real engine, through the official OpenAI client."""
 
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -159,38 +160,111 @@ TOKENIZE = [{"prompt": PROMPT}, {"prompt": PROMPT, "add_special_tokens": False, 
              "add_generation_prompt": False, "continue_final_message": True, "return_token_strs": True}]
 
 
-def test_logprobs_and_tokenizer_routes_equal_vllms_own_servers(live_server, client, http, tmp_path):
-    """vLLM's own OpenAI server on the same model and engine settings answers the same seeded
-    request with the same tokens, log-probabilities and alternatives, at temperature 1 and 0.5;
-    and /tokenize, /detokenize and /version answer as its do."""
-    from openai import OpenAI
-
+@pytest.fixture(scope="module")
+def vllm_http(live_server, tmp_path_factory):
+    """vLLM's own OpenAI server on the same model and engine settings as the session's server."""
     from harness.servers import free_port, start_server, stop_server, wait_healthy
 
-    port, log = free_port(), tmp_path / "vllm.log"
+    port, log = free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log"
     process = start_server("vllm", str(live_server.model_dir), MODEL, port, "--dtype", "float32",
                            "--block-size", "32", log=log)
     try:
         wait_healthy("vllm", process, port, STARTUP_TIMEOUT_S, log)
-        theirs = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        for temperature in (1.0, 0.5):
-            request = dict(model=MODEL, prompt=PROMPT, max_tokens=12, logprobs=3, seed=5, temperature=temperature)
-            ours, vllms = (c.completions.create(**request).choices[0].logprobs for c in (client, theirs))
-            assert ours.tokens == vllms.tokens
-            assert ours.token_logprobs == pytest.approx(vllms.token_logprobs, abs=1e-4)
-            for mine, other in zip(ours.top_logprobs, vllms.top_logprobs, strict=True):
-                assert mine == pytest.approx(other, abs=1e-4)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as vllm_http:
-            for body in TOKENIZE:
-                answers = [h.post("/tokenize", json={"model": MODEL, **body}) for h in (http, vllm_http)]
-                assert answers[0].status_code == answers[1].status_code == 200, answers[0].text
-                assert answers[0].json() == answers[1].json(), body
-            tokens = answers[0].json()["tokens"]
-            assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json() == vllm_http.post(
-                "/detokenize", json={"model": MODEL, "tokens": tokens}).json()
-            assert http.get("/version").json()["version"] == vllm_http.get("/version").json()["version"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            yield http
     finally:
         stop_server("vllm", process)
+
+
+def test_logprobs_and_tokenizer_routes_equal_vllms_own_servers(http, vllm_http):
+    """vLLM's own server answers the same seeded request with the same tokens, log-probabilities
+    and alternatives, at temperature 1 and 0.5; and /tokenize, /detokenize and /version as its do."""
+    for temperature in (1.0, 0.5):
+        request = dict(model=MODEL, prompt=PROMPT, max_tokens=12, logprobs=3, seed=5, temperature=temperature)
+        ours, vllms = (h.post("/v1/completions", json=request).json()["choices"][0]["logprobs"]
+                       for h in (http, vllm_http))
+        assert ours["tokens"] == vllms["tokens"]
+        assert ours["token_logprobs"] == pytest.approx(vllms["token_logprobs"], abs=1e-4)
+        for mine, other in zip(ours["top_logprobs"], vllms["top_logprobs"], strict=True):
+            assert mine == pytest.approx(other, abs=1e-4)
+    for body in TOKENIZE:
+        answers = [h.post("/tokenize", json={"model": MODEL, **body}) for h in (http, vllm_http)]
+        assert answers[0].status_code == answers[1].status_code == 200, answers[0].text
+        assert answers[0].json() == answers[1].json(), body
+    tokens = answers[0].json()["tokens"]
+    assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json() == vllm_http.post(
+        "/detokenize", json={"model": MODEL, "tokens": tokens}).json()
+    assert http.get("/version").json()["version"] == vllm_http.get("/version").json()["version"]
+
+
+CHAT = [{"role": "user", "content": "Name a city and its country, as JSON."}]
+PLACE = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+         "required": ["city", "country"]}
+
+
+def conformance_requests(tokenizer) -> dict[str, tuple[str, dict]]:
+    """Requests for `direct` with the fields it passes to the engine, valid and not."""
+    paris, the = tokenizer.encode(" Paris")[0], tokenizer.encode(" the")[0]
+    completion = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    chat = {"messages": CHAT, "max_tokens": 48, "temperature": 0}
+    return {
+        "greedy": ("completions", completion),
+        "min_p": ("completions", completion | {"temperature": 1, "seed": 7, "min_p": 0.2}),
+        "logit_bias": ("completions", completion | {"logit_bias": {str(paris): -100}}),
+        "allowed_token_ids": ("completions", completion | {"temperature": 1, "seed": 7,
+                                                           "allowed_token_ids": [paris, the, 30]}),
+        "bad_words": ("completions", completion | {"bad_words": ["Paris", "city"]}),
+        "stop string kept": ("completions", completion | {"stop": ["."], "include_stop_str_in_output": True}),
+        "regex": ("completions", {"prompt": "My phone number is", "max_tokens": 12, "temperature": 0,
+                                  "structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}}),
+        "json schema": ("chat/completions", chat | {"response_format": {"type": "json_schema",
+                                                            "json_schema": {"name": "place", "schema": PLACE}}}),
+        "json object": ("chat/completions", chat | {"response_format": {"type": "json_object"}}),
+        "choice": ("chat/completions", chat | {"structured_outputs": {"choice": ["Paris", "Rome"]}}),
+        "json schema, streamed": ("chat/completions", chat | {"structured_outputs": {"json": PLACE}, "stream": True}),
+        "bad regex": ("completions", completion | {"structured_outputs": {"regex": "(["}}),
+        "token out of vocabulary": ("completions", completion | {"allowed_token_ids": [10 ** 6]}),
+        "bias out of vocabulary": ("completions", completion | {"logit_bias": {str(10 ** 6): 1}}),
+        "min_p over 1": ("completions", completion | {"min_p": 2}),
+        "schema missing": ("chat/completions", chat | {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+    }
+
+
+def answer(http, endpoint: str, body: dict) -> tuple[int, list[dict]]:
+    """The status and, for a 200, each choice's text, token ids, finish and stop reasons (the
+    stream's chunks joined)."""
+    response = http.post(f"/v1/{endpoint}", json={"model": MODEL, "return_token_ids": True, **body})
+    if response.status_code != 200:
+        return response.status_code, []
+    chunks = ([json.loads(line[6:]) for line in response.text.splitlines()
+               if line.startswith("data: {")] if body.get("stream") else [response.json()])
+    assert all("error" not in chunk for chunk in chunks), response.text
+    choices: dict[int, dict] = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            mine = choices.setdefault(c["index"], {"text": "", "token_ids": [], "finish_reason": None, "stop_reason": None})
+            mine["text"] += c["text"] if endpoint == "completions" else (c["delta"] if "delta" in c else c["message"]).get(
+                "content") or ""
+            mine["token_ids"] += c.get("token_ids") or []
+            for reason in ("finish_reason", "stop_reason"):
+                mine[reason] = c.get(reason) or mine[reason]
+    return 200, [choices[i] for i in sorted(choices)]
+
+
+def test_direct_takes_vllms_engine_options_as_vllms_own_server_does(http, vllm_http, tokenizer):
+    """Constraints (min_p, logit_bias, allowed_token_ids, bad_words, structured outputs by regex,
+    JSON schema, JSON object or choice) and text options, valid and not: the same status, text,
+    token ids and finish reasons from both servers, streamed or not; and JSON that fits its schema."""
+    answers = {}
+    for name, (endpoint, body) in conformance_requests(tokenizer).items():
+        answers[name] = answer(http, endpoint, body)
+        assert answers[name] == answer(vllm_http, endpoint, body), name
+        if answers[name][0] != 200:
+            assert_error(http.post(f"/v1/{endpoint}", json={"model": MODEL, **body}), answers[name][0])
+    assert [status for status, _ in answers.values()] == [200] * 11 + [400] * 5
+    for name in ("json schema", "json schema, streamed"):
+        [placed] = answers[name][1]
+        assert placed["finish_reason"] == "stop" and set(json.loads(placed["text"])) == {"city", "country"}, placed
 
 
 def test_a_repeated_prompt_is_prefilled_once(client):

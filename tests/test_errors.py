@@ -4,6 +4,7 @@ import httpx
 import openai
 import pytest
 
+from server import protocol as p
 from tests.conftest import API_KEY, MODEL
 
 
@@ -43,9 +44,26 @@ def test_unknown_parameter_names_it(http, client):
     assert_error(complete(http, power_alpha=4), 400, "power_alpha", "'power_alpha'")
     assert_error(complete(http, sampler="power_mcmc", power_alhpa=4), 400, "power_alhpa",
                  "did you mean 'power_alpha'?")
-    with pytest.raises(openai.BadRequestError, match="response_format"):
+    with pytest.raises(openai.BadRequestError, match="use_beam_search"):  # vLLM's, not implemented here
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                       response_format={"type": "json_object"})
+                                       extra_body={"use_beam_search": True})
+
+
+@pytest.mark.parametrize("sampler", ["power_mcmc", "power_scalable", "power_smc"])
+@pytest.mark.parametrize("fields", [
+    {"min_p": 0.1}, {"logit_bias": {"5": 1}}, {"allowed_token_ids": [5]}, {"bad_words": ["a"]},
+    {"response_format": {"type": "json_object"}}, {"structured_outputs": {"regex": "a"}},
+    {"skip_special_tokens": False}, {"spaces_between_special_tokens": False},
+])
+def test_engine_options_are_for_direct_only(http, sampler, fields):
+    """A power sampler would not honour them: they constrain the engine's draw or its text."""
+    [param] = fields
+    assert_error(complete(http, sampler=sampler, **fields), 400, param, "sampler 'direct' only")
+
+
+def test_engine_options_at_their_defaults_pass_for_any_sampler(http):
+    defaults = {name: p.SamplingFields.model_fields[name].default for name in p.DIRECT_ONLY_FIELDS}
+    assert complete(http, sampler="power_mcmc", **defaults).status_code == 200
 
 
 def test_fields_of_other_apis_are_ignored_and_named(client, http):

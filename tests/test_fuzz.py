@@ -48,7 +48,8 @@ MAX_TOKENS = 8
 SERVED_FIELDS = {"model", "sampler", "n", "temperature", "top_p", "top_k", "seed", "stop", "stream",
                  "stream_options", "presence_penalty", "frequency_penalty", "user", "repetition_penalty",
                  "ignore_eos", "min_tokens", "stop_token_ids", "return_token_ids", "prompt", "messages",
-                 "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
+                 "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "min_p", "bad_words",
+                 "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"}
 
 # Status codes per operation, summarised when the module's server stops.
 STATUSES: defaultdict[str, Counter] = defaultdict(Counter)

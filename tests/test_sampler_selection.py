@@ -38,8 +38,8 @@ def test_a_distilled_model_decodes_directly_with_its_adapter():
     ({"alpha": 2}, 400, "alpha"),  # power_alpha, shortened
     ({"sampler": "power_mcmc", "power_alhpa": 2}, 400, "power_alhpa"),  # misspelt
     ({"sampler": "power_mcmc", "particles": 2}, 400, "particles"),  # power_smc's
-    ({"response_format": {"type": "json_object"}}, 400, "response_format"),  # vLLM's, not ours
-    ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"use_beam_search": True}, 400, "use_beam_search"),  # vLLM's, not ours
+    ({"length_penalty": 2.0}, 400, "length_penalty"),
     ({"model": "tuned:power_mcmc"}, 400, "sampler"),
     ({"model": "tuned", "sampler": "power_scalable"}, 400, "sampler"),
 ])
@@ -51,9 +51,9 @@ def test_resolution_errors(fields, status, param):
 
 def test_fields_of_other_apis_that_change_nothing_are_ignored():
     resolved = resolve_sampler(STATE, request(sampler="power_mcmc", power_alpha=2, metadata={"user": "x"},
-                                              priority=3, logit_bias=None, echo=False))
+                                              priority=3, length_penalty=None, echo=False))
     assert resolved.params.power_alpha == 2
-    assert resolved.ignored == ["metadata", "priority", "logit_bias", "echo"]
+    assert resolved.ignored == ["metadata", "priority", "length_penalty", "echo"]
     chat = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                                    "parallel_tool_calls": False, "store": True})
     assert resolve_sampler(STATE, chat).ignored == ["parallel_tool_calls", "store"]
@@ -90,8 +90,28 @@ def test_prompt_forms(prompt, expected):
     assert request(prompt=prompt).prompts() == expected
 
 
+def test_output_constraints_become_vllms_structured_outputs():
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
+    assert request(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+                   ).decode_params(8, None).structured_outputs == {"json": schema}
+    assert request(response_format={"type": "json_object"}).output_constraint() == {"json_object": True}
+    assert request(response_format={"type": "text"}).output_constraint() is None
+    assert request(structured_outputs={"choice": ["a", "b"], "disable_any_whitespace": True}).output_constraint() == {
+        "choice": ["a", "b"], "disable_any_whitespace": True, "disable_additional_properties": False}
+    assert request(structured_outputs={"json": schema}).output_constraint()["json"] == schema
+    for fields in ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+                   {"structured_outputs": {}}, {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+                   {"structured_outputs": {"structural_tag": "{}"}},
+                   {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}):
+        with pytest.raises(ValueError):
+            request(**fields)
+
+
 def test_decode_params_follow_the_request():
-    body = request(stop="x", top_k=-1, stop_token_ids=[5], n=3, repetition_penalty=1.1)
+    body = request(stop="x", top_k=-1, stop_token_ids=[5], n=3, repetition_penalty=1.1, min_p=0.1,
+                   logit_bias={"7": -5}, allowed_token_ids=[1, 2], bad_words=["no"], skip_special_tokens=False)
     decode = body.decode_params(10, logprobs=2)
     assert (decode.stop, decode.top_k, decode.stop_token_ids, decode.n, decode.logprobs,
             decode.repetition_penalty) == (("x",), 0, (5,), 3, 2, 1.1)
+    assert (decode.min_p, decode.logit_bias, decode.allowed_token_ids, decode.bad_words,
+            decode.skip_special_tokens) == (0.1, {7: -5.0}, (1, 2), ("no",), False)
