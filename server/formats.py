@@ -1,20 +1,29 @@
 """Endpoint-specific halves of serving: how each endpoint builds its prompts and shapes its output."""
 
+import dataclasses
 import math
 
 from samplers import ChoiceDelta, Spend, TokenLogprob
 from server import protocol as p
 from server.errors import bad_request
 from server.requests import DEFAULT_SAMPLER, check_in_vocabulary, check_model_name
-from server.serving import ChoiceState, Run
+from server.serving import Run
 from server.state import EngineState
 from server.transport import Format
 
 
 def completion_run(state: EngineState, body: p.CompletionRequest) -> Run:
-    tokenizer = state.ready_model().tokenizer
-    prompts = [tokenizer.encode(x) if isinstance(x, str) else x for x in body.prompts()]
-    return Run(state, body, prompts, body.max_tokens, body.logprobs, p.new_id("cmpl"))
+    model = state.ready_model()
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens 0 generates nothing: it is for scoring a prompt, with echo and logprobs.",
+                          param="max_tokens")
+    scored = body.echo and body.logprobs is not None
+    if scored and not model.can_score:
+        raise bad_request("This server cannot score prompts: vLLM's CPU engine cannot compute prompt "
+                          "log-probabilities while it serves LoRA adapters (--distilled).", param="echo")
+    prompts = [model.tokenizer.encode(x) if isinstance(x, str) else x for x in body.prompts()]
+    return Run(state, body, prompts, body.max_tokens, body.logprobs, p.new_id("cmpl"),
+               prompt_logprobs=body.logprobs if scored else None)
 
 
 def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
@@ -99,35 +108,68 @@ def _reported(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def _completion_logprobs(choice: ChoiceState, new: list[TokenLogprob], text: str) -> p.CompletionLogprobs:
-    """Logprobs of the tokens `new`, which are the last ones of `choice` and spell `text`."""
-    offset = len(choice.text) - len(text)
+def _completion_logprobs(tokens: list[TokenLogprob], offset: int, unscored: str | None = None) -> p.CompletionLogprobs:
+    """Logprobs of `tokens`, whose text starts `offset` characters into the choice's text, after
+    the token `unscored` has, if given: an echoed prompt's first token, which has no log p."""
+    entries = [] if unscored is None else [(unscored, None, None)]
+    # The drawn token first, then the most likely ones: what vLLM's server (and OpenAI's completions
+    # API) report, so `logprobs: k` may give k + 1 entries.
+    entries += [(t.token, _reported(t.logprob), {t.token: _reported(t.logprob)} |
+                 {a.token: _reported(a.logprob) for a in t.top}) for t in tokens]
     offsets = []
-    for token in new:
+    for text, _, _ in entries:
         offsets.append(offset)
-        offset += len(token.token)
-    return p.CompletionLogprobs(
-        tokens=[t.token for t in new],
-        token_logprobs=[_reported(t.logprob) for t in new],
-        # The drawn token first, then the most likely ones: what vLLM's server (and OpenAI's
-        # completions API) report, so `logprobs: k` may give k + 1 entries.
-        top_logprobs=[{t.token: _reported(t.logprob)} | {a.token: _reported(a.logprob) for a in t.top} for t in new],
-        text_offset=offsets,
-    )
+        offset += len(text)
+    return p.CompletionLogprobs(tokens=[e[0] for e in entries], token_logprobs=[e[1] for e in entries],
+                                top_logprobs=[e[2] for e in entries], text_offset=offsets)
+
+
+def _joined(first: p.CompletionLogprobs | None, second: p.CompletionLogprobs | None) -> p.CompletionLogprobs | None:
+    if first is None or second is None:
+        return first or second
+    return p.CompletionLogprobs(**{name: getattr(first, name) + getattr(second, name)
+                                   for name in p.CompletionLogprobs.model_fields})
 
 
 class CompletionFormat(Format):
+    """Completion choices; with `echo`, each choice's first chunk (or its whole text) begins with
+    its prompt's text and, where logprobs are asked for, the prompt tokens' log p."""
+
     def __init__(self, body: p.CompletionRequest):
         self.token_ids = body.return_token_ids
+        self.prompts = body.prompts() if body.echo else None
+        self.echoes: dict[int, tuple[str, p.CompletionLogprobs | None]] = {}  # per prompt
+        self.started: set[int] = set()  # the choices whose first chunk is sent
+
+    def _echo(self, run: Run, index: int) -> tuple[str, p.CompletionLogprobs | None]:
+        """What choice `index` begins with: its prompt's text, and its tokens' logprobs if they were
+        scored (a string prompt as given, token ids decoded, as vLLM's server does)."""
+        if self.prompts is None:
+            return "", None
+        i = index // run.decode.n
+        if i not in self.echoes:
+            tokenizer, ids = run.model.tokenizer, run.prompts[i]
+            text = self.prompts[i] if isinstance(self.prompts[i], str) else tokenizer.decode(ids)
+            logprobs = None
+            if run.prompt_logprobs is not None:
+                named = [dataclasses.replace(t, token=tokenizer.decode(t.token_id), top=tuple(
+                    dataclasses.replace(a, token=tokenizer.decode(a.token_id)) for a in t.top))
+                    for t in run.prompt_logprobs[i]]
+                logprobs = _completion_logprobs(named, 0, unscored=tokenizer.decode(ids[:1]))
+            self.echoes[i] = text, logprobs
+        return self.echoes[i]
 
     def chunks(self, run: Run, delta: ChoiceDelta) -> list[p.CompletionResponse]:
         choice = run.choices[delta.index]
-        first = len(choice.token_ids) == len(delta.token_ids)
+        first = delta.index not in self.started
+        self.started.add(delta.index)
+        echo_text, echo_logprobs = self._echo(run, delta.index)
         logprobs = None
         if delta.logprobs is not None:
-            logprobs = _completion_logprobs(choice, delta.logprobs, delta.text)
+            logprobs = _completion_logprobs(delta.logprobs, len(echo_text) + len(choice.text) - len(delta.text))
         out = p.CompletionChoice(
-            index=delta.index, text=delta.text, logprobs=logprobs,
+            index=delta.index, text=echo_text + delta.text if first else delta.text,
+            logprobs=_joined(echo_logprobs, logprobs) if first else logprobs,
             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
             token_ids=delta.token_ids if self.token_ids else None,
             prompt_token_ids=choice.prompt_token_ids if self.token_ids and first else None,
@@ -139,16 +181,16 @@ class CompletionFormat(Format):
                                     usage=run.usage(), sampler_usage=run.sampler_usage())
 
     def final(self, run: Run) -> p.CompletionResponse:
-        choices = [
-            p.CompletionChoice(
-                index=c.index, text=c.text,
-                logprobs=None if c.logprobs is None else _completion_logprobs(c, c.logprobs, c.text),
+        choices = []
+        for c in run.choices:
+            echo_text, echo_logprobs = self._echo(run, c.index)
+            logprobs = None if c.logprobs is None else _completion_logprobs(c.logprobs, len(echo_text))
+            choices.append(p.CompletionChoice(
+                index=c.index, text=echo_text + c.text, logprobs=_joined(echo_logprobs, logprobs),
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=c.token_ids if self.token_ids else None,
                 prompt_token_ids=c.prompt_token_ids if self.token_ids else None,
-            )
-            for c in run.choices
-        ]
+            ))
         return p.CompletionResponse(id=run.request_id, model=run.model_name, choices=choices,
                                     usage=run.usage(), sampler_usage=run.sampler_usage())
 

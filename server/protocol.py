@@ -183,10 +183,12 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A string, a list of strings, a list of token ids or a list of such lists."
     )
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most per choice.")
+    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate at most per choice; 0 (with echo) "
+                                   "generates none: the prompt is only scored.")
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Report the log p of each token and this many alternatives."
     )
+    echo: bool = Field(False, description="Begin each choice's text, and its logprobs, with the prompt's.")
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -335,8 +337,9 @@ def new_id(prefix: str) -> str:
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    # None only for an echoed prompt's first token, which nothing comes before.
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

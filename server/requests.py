@@ -164,6 +164,8 @@ def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, 
         raise bad_request(
             f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"model's context of {model.max_model_len} tokens.", param="max_tokens")
+    if max_tokens == 0:  # an echo that only scores the prompt: nothing is sampled
+        return Checked(model, prompts, body.decode_params(0, logprobs, adapter), timeout)
     if sampler.name != DEFAULT_SAMPLER:
         _refuse_direct_only_fields(body, sampler)
     decode = body.decode_params(max_tokens, logprobs, adapter)

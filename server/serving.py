@@ -57,7 +57,9 @@ class Run:
         max_tokens: int | None,
         logprobs: int | None,
         request_id: str,
+        prompt_logprobs: int | None = None,
     ):
+        """`prompt_logprobs`: score each prompt's tokens too, with this many alternatives (an echo's)."""
         self.sampler, self.params, self.adapter, self.ignored_fields = resolve_sampler(state, body)
         self.label = DISTILLED if self.adapter else self.sampler.name
         self.metrics = RequestMetrics(self.adapter or state.served_name, self.label)
@@ -67,6 +69,8 @@ class Run:
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.ticket = None
         self.finished = False
+        self.prompt_alternatives = prompt_logprobs
+        self.prompt_logprobs: list[list[TokenLogprob]] | None = None  # per prompt, from its second token
         try:
             self.model, self.prompts, self.decode, self.timeout = check_request(
                 state, body, self.sampler, self.params, self.adapter, prompts, max_tokens, logprobs)
@@ -81,6 +85,16 @@ class Run:
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas as they come, with indices numbered across prompts."""
         await self.ticket.wait()
+        if self.prompt_alternatives is not None:
+            self.prompt_logprobs = [
+                await self.model.score(ids, 1, f"{self.request_id}-prompt-{i}", self.spend, self.prompt_alternatives)
+                for i, ids in enumerate(self.prompts)]
+        if self.decode.max_tokens == 0:  # nothing to sample: each choice ends at once
+            for choice in self.choices:
+                delta = ChoiceDelta(choice.index, [], "", finish_reason="length")
+                choice.add(delta)
+                yield delta
+            return
         n = self.decode.n
         streams = [
             self._offset(i * n, self.sampler.sample(self.model, ids, self.decode, self.params,

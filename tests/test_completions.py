@@ -267,6 +267,70 @@ def test_direct_takes_vllms_engine_options_as_vllms_own_server_does(http, vllm_h
         assert placed["finish_reason"] == "stop" and set(json.loads(placed["text"])) == {"city", "country"}, placed
 
 
+ECHO = [{"max_tokens": 4, "temperature": 0}, {"max_tokens": 0, "logprobs": 2},
+        {"max_tokens": 3, "logprobs": 1, "temperature": 0}, {"max_tokens": 3, "logprobs": 1, "temperature": 0, "stream": True},
+        {"max_tokens": 0, "logprobs": 0, "prompt": [[9, 10, 11], [12, 13]]}]
+
+
+def echoed(http, body: dict) -> list[dict]:
+    """Each choice's text and logprobs, a stream's chunks joined."""
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "echo": True, **body})
+    assert response.status_code == 200, response.text
+    chunks = ([json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+              if body.get("stream") else [response.json()])
+    choices: dict[int, dict] = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            mine = choices.setdefault(c["index"], {"text": ""})
+            mine["text"] += c["text"]
+            for name, values in (c["logprobs"] or {}).items():
+                mine.setdefault(name, []).extend(values)
+    return [choices[i] for i in sorted(choices)]
+
+
+def test_echo_answers_as_vllms_own_server(http, vllm_http):
+    """The prompt's text, then the completion's; with logprobs, the prompt tokens' (none for the
+    first) before the completion's; max_tokens 0 scores the prompt only. Streamed or not, for a
+    string prompt or token ids, as vLLM's own server answers."""
+    for body in ECHO:
+        ours, theirs = echoed(http, body), echoed(vllm_http, body)
+        assert [c["text"] for c in ours] == [c["text"] for c in theirs], body
+        assert ours[0]["text"].startswith(PROMPT if "prompt" not in body else "")
+        for mine, other in zip(ours, theirs, strict=True):
+            assert mine.keys() == other.keys(), body
+            if "tokens" in mine:
+                assert (mine["tokens"], mine["text_offset"]) == (other["tokens"], other["text_offset"]), body
+                assert mine["token_logprobs"][0] is None and other["token_logprobs"][0] is None
+                assert mine["token_logprobs"][1:] == pytest.approx(other["token_logprobs"][1:], abs=1e-4)
+                for top, their_top in zip(mine["top_logprobs"][1:], other["top_logprobs"][1:], strict=True):
+                    assert top == pytest.approx(their_top, abs=1e-4)
+
+
+def test_echo_without_generation_scores_the_prompt(http, live_server, tokenizer):
+    """max_tokens 0 with echo and logprobs: the prompt's log p by a float32 Hugging Face forward
+    pass, token by token, with the likeliest alternative's; nothing is generated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "echo": True, "max_tokens": 0,
+                                           "logprobs": 1}).json()
+    [choice] = r["choices"]
+    ids = tokenizer.encode(PROMPT)
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert r["usage"]["completion_tokens"] == 0 and r["sampler_usage"]["engine_tokens_generated"] == 0
+    model = AutoModelForCausalLM.from_pretrained(live_server.model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == [tokenizer.decode(t) for t in ids] and logprobs["token_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:] == pytest.approx([reference[i - 1, t].item() for i, t in enumerate(ids)
+                                                            if i > 0], abs=2e-3)
+    assert [max(top.values()) for top in logprobs["top_logprobs"][1:]] == pytest.approx(
+        reference[:-1].max(dim=-1).values.tolist(), abs=2e-3)
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 0}),
+                 400, "max_tokens")
+
+
 def test_a_repeated_prompt_is_prefilled_once(client):
     """On CPU the server's KV blocks hold 32 tokens (vLLM's default is 128) and the prefix cache
     shares whole blocks: a prompt asked a second time is read from the cache but for its last
