@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
     parser.add_argument("--distilled", action="append", metavar="NAME=PATH", default=[],
                         help="Also serve, as model NAME, the model with the PEFT LoRA adapter in "
                         "directory PATH (repeatable); it decodes directly.")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="Let requests bring their own chat template (chat_template), as vLLM's flag does: "
+                        "a template is code that runs on the server.")
     defaults = Limits()
     limits = parser.add_argument_group("admission limits")
     concurrency = ", ".join(f"{name} {s.default_max_concurrent}" for name, s in sorted(SAMPLERS.items()))
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--distilled: {exc}") from None
 
     state = EngineState(served_name=served_name, root=args.model, limits=admission_limits(args),
-                        adapters=args.adapters)
+                        adapters=args.adapters, trust_request_chat_template=args.trust_request_chat_template)
     failed = []
 
     def on_fatal() -> None:

@@ -1,6 +1,8 @@
 """Endpoint-specific halves of serving: how each endpoint builds its prompts and shapes its output."""
 
 import dataclasses
+import inspect
+import json
 import math
 
 from samplers import ChoiceDelta, Spend, TokenLogprob
@@ -27,22 +29,53 @@ def completion_run(state: EngineState, body: p.CompletionRequest) -> Run:
 
 
 def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
-    tokenizer = state.ready_model().tokenizer
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
-    prompt = chat_prompt(tokenizer, body.messages)
+    _check_tool_choice(body)
+    prompt = chat_prompt(state, body.messages, body, body.add_special_tokens)
     max_tokens = body.max_completion_tokens or body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return Run(state, body, [prompt], max_tokens, logprobs, p.new_id("chatcmpl"))
 
 
-def chat_prompt(tokenizer, messages: list[p.ChatMessage], add_generation_prompt: bool = True,
-                continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
-    """The token ids of `messages` written out by the model's chat template."""
+def _check_tool_choice(body: p.ChatCompletionRequest) -> None:
+    """Tools reach the chat template; calls to them are not parsed from the output (no model served
+    here has a tool-call parser), so only tool_choice 'none' can be honoured."""
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
+    if choice == "none":
+        return
+    if not body.tools:
+        raise bad_request("tool_choice needs tools.", param="tool_choice")
+    raise bad_request(f"tool_choice {json.dumps(choice)} needs a tool-call parser for the model, which this "
+                      "server does not have: set tool_choice to 'none' to give the tools to the chat template "
+                      "only.", param="tool_choice")
+
+
+def chat_prompt(state: EngineState, messages: list[p.ChatMessage], template: p.ChatTemplateFields,
+                add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `messages` written out by the chat template: the model's, or the request's
+    own where the server trusts it."""
+    variables = dict(template.chat_template_kwargs or {})
+    from_variables = variables.pop("chat_template", None)
+    own = template.chat_template or from_variables
+    if own is not None and not state.trust_request_chat_template:
+        raise bad_request("This server runs its model's chat template only; a request's own needs the server "
+                          "started with --trust-request-chat-template.", param="chat_template")
+    # Variables for the template only: apply_chat_template's own parameters (tokenize, return_dict, ...)
+    # would change what it returns.
+    from transformers import PreTrainedTokenizerBase
+
+    own_parameters = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) & set(variables)
+    if own_parameters:
+        raise bad_request(f"chat_template_kwargs cannot set {', '.join(sorted(own_parameters))}.",
+                          param="chat_template_kwargs")
+    tokenizer = state.ready_model().tokenizer
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text()} for m in messages], tokenize=False,
-            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+            [{**(m.model_extra or {}), "role": m.role, "content": m.text()} for m in messages], tokenize=False,
+            add_generation_prompt=template.add_generation_prompt,
+            continue_final_message=template.continue_final_message, chat_template=own, tools=template.tools,
+            **variables)
     except Exception as exc:  # the template's own checks, e.g. roles it does not allow
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
     # The template already wrote the special tokens it wants, unless asked for more.
@@ -55,8 +88,7 @@ def tokenize(state: EngineState, body: p.TokenizeRequest) -> p.TokenizeResponse:
     if body.prompt is not None:
         ids = model.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     else:
-        ids = chat_prompt(model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message,
-                          bool(body.add_special_tokens))
+        ids = chat_prompt(state, body.messages, body, bool(body.add_special_tokens))
     strings = model.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return p.TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids, token_strs=strings)
 

@@ -205,8 +205,11 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """A message; its other fields (a tool message's `tool_call_id`, an assistant's `tool_calls`,
+    `name`) reach the chat template as they are."""
+
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -215,15 +218,36 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(BaseModel):
+    """How the chat template writes messages out (chat completions and /tokenize), as on vLLM's server."""
+
+    add_generation_prompt: bool = Field(True, description="End with the opening of the assistant's turn.")
+    continue_final_message: bool = Field(False, description="Leave the last message open, to be continued "
+                                         "(needs add_generation_prompt false).")
+    chat_template: str | None = Field(None, description="A Jinja chat template instead of the model's (refused "
+                                      "unless the server runs with --trust-request-chat-template).")
+    chat_template_kwargs: dict | None = Field(None, description="More variables for the chat template.")
+    tools: list[dict] | None = Field(None, description="OpenAI's function tools, given to the chat template.")
+
+    @model_validator(mode="after")
+    def _open_or_closed(self) -> "ChatTemplateFields":
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt set to false")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; use max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     logprobs: bool = Field(False, description="Report the log p of each output token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+    add_special_tokens: bool = Field(False, description="Add the tokenizer's special tokens to the templated "
+                                     "prompt too (the template writes its own).")
+    tool_choice: str | dict | None = Field(None, description="Only 'none': this server parses no tool calls.")
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
     """POST /tokenize, as vLLM's server has it: a `prompt`, or chat `messages` through the chat template."""
 
     model: str | None = Field(None, description="A served model name (default: the base model).")
@@ -232,16 +256,12 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (default: for a prompt yes; for messages no, "
         "since the chat template writes its own).")
-    add_generation_prompt: bool = Field(True, description="Messages only: end with the assistant's turn opening.")
-    continue_final_message: bool = Field(False, description="Messages only: leave the last message open.")
     return_token_strs: bool = Field(False, description="Return each token's string beside its id.")
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message needs add_generation_prompt set to false")
         return self
 
 

@@ -9,10 +9,11 @@ class EngineState:
     """The model being served, whether its engine can take requests, and the admission gates."""
 
     def __init__(self, served_name: str, root: str, limits: Limits = Limits(),
-                 adapters: dict[str, str] | None = None):
+                 adapters: dict[str, str] | None = None, trust_request_chat_template: bool = False):
         self.served_name = served_name
         self.root = root
         self.adapters = adapters or {}  # distilled model name -> its PEFT adapter directory
+        self.trust_request_chat_template = trust_request_chat_template
         self.model = None  # samplers.vllm_engine.VllmModel once loaded
         self.created = 0
         self.limits = limits

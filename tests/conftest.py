@@ -124,7 +124,9 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def live_server(model_dir: Path, tmp_path_factory) -> Iterator[LiveServer]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(model_dir, log, "--dtype", "float32", "--max-model-len", "2048") as (server, _):
+    # Trusting requests' own chat templates, to compare them with vLLM's server (test_completions.py).
+    with running_server(model_dir, log, "--dtype", "float32", "--max-model-len", "2048",
+                        "--trust-request-chat-template") as (server, _):
         yield server
 
 

@@ -167,7 +167,7 @@ def vllm_http(live_server, tmp_path_factory):
 
     port, log = free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log"
     process = start_server("vllm", str(live_server.model_dir), MODEL, port, "--dtype", "float32",
-                           "--block-size", "32", log=log)
+                           "--block-size", "32", "--trust-request-chat-template", log=log)
     try:
         wait_healthy("vllm", process, port, STARTUP_TIMEOUT_S, log)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
@@ -248,6 +248,8 @@ def answer(http, endpoint: str, body: dict) -> tuple[int, list[dict]]:
             mine["token_ids"] += c.get("token_ids") or []
             for reason in ("finish_reason", "stop_reason"):
                 mine[reason] = c.get(reason) or mine[reason]
+            mine["prompt_token_ids"] = mine.get("prompt_token_ids") or c.get("prompt_token_ids") or chunk.get(
+                "prompt_token_ids")
     return 200, [choices[i] for i in sorted(choices)]
 
 
@@ -265,6 +267,41 @@ def test_direct_takes_vllms_engine_options_as_vllms_own_server_does(http, vllm_h
     for name in ("json schema", "json schema, streamed"):
         [placed] = answers[name][1]
         assert placed["finish_reason"] == "stop" and set(json.loads(placed["text"])) == {"city", "country"}, placed
+
+
+TOOL = {"type": "function", "function": {"name": "weather", "description": "The weather in a city.",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+OPENED = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+TOOL_TURN = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                 "name": "weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "Sunny, 21 C"}]
+CHAT_TEMPLATE_REQUESTS = {
+    "continued": {"messages": OPENED, "add_generation_prompt": False, "continue_final_message": True},
+    "closed": {"messages": OPENED, "add_generation_prompt": False},
+    "template variables": {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+    "own template": {"messages": CHAT, "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                     "{% endfor %}assistant:"},
+    "tool turn": {"messages": TOOL_TURN},
+    "tools for the template only": {"messages": CHAT, "tools": [TOOL], "tool_choice": "none"},
+    "tools to be parsed": {"messages": CHAT, "tools": [TOOL]},
+    "open and prompted": {"messages": OPENED, "continue_final_message": True},
+}
+
+
+def test_chat_template_controls_answer_as_vllms_own_server(http, vllm_http):
+    """add_generation_prompt, continue_final_message, chat_template_kwargs, a request's own template
+    (both servers trust it here), tool messages and tools: the same prompt token ids and output
+    from both, or the same 400."""
+    statuses = {}
+    for name, body in CHAT_TEMPLATE_REQUESTS.items():
+        body = {"max_tokens": 8, "temperature": 0, **body}
+        ours = answer(http, "chat/completions", body)
+        assert ours == answer(vllm_http, "chat/completions", body), name
+        statuses[name] = ours[0]
+    assert list(statuses.values()) == [200] * 6 + [400] * 2
+    assert_error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "tools": [TOOL],
+                                                         "tool_choice": "required"}), 400, "tool_choice")
 
 
 ECHO = [{"max_tokens": 4, "temperature": 0}, {"max_tokens": 0, "logprobs": 2},

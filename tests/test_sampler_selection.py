@@ -3,7 +3,7 @@
 import pytest
 
 from samplers import REGISTRY
-from server import protocol as p
+from server import formats, protocol as p
 from server.errors import APIError
 from server.requests import _meant, resolve_sampler
 from server.state import EngineState
@@ -115,3 +115,22 @@ def test_decode_params_follow_the_request():
             decode.repetition_penalty) == (("x",), 0, (5,), 3, 2, 1.1)
     assert (decode.min_p, decode.logit_bias, decode.allowed_token_ids, decode.bad_words,
             decode.skip_special_tokens) == (0.1, {7: -5.0}, (1, 2), ("no",), False)
+
+
+def chat(**fields) -> p.ChatCompletionRequest:
+    return p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                   **fields})
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template"),  # the server does not trust it
+    ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # 'auto': no parser here
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),  # no tools
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),  # apply_chat_template's own
+])
+def test_chat_requests_the_server_cannot_honour(fields, param):
+    with pytest.raises(APIError) as caught:
+        formats.chat_run(STATE, chat(**fields))
+    assert (caught.value.status, caught.value.param) == (400, param)
