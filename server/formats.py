@@ -23,7 +23,8 @@ def completion_run(state: EngineState, body: p.CompletionRequest) -> Run:
     if scored and not model.can_score:
         raise bad_request("This server cannot score prompts: vLLM's CPU engine cannot compute prompt "
                           "log-probabilities while it serves LoRA adapters (--distilled).", param="echo")
-    prompts = [model.tokenizer.encode(x) if isinstance(x, str) else x for x in body.prompts()]
+    prompts = [model.tokenizer.encode(x, add_special_tokens=body.add_special_tokens) if isinstance(x, str) else x
+               for x in body.prompts()]
     return Run(state, body, prompts, body.max_tokens, body.logprobs, p.new_id("cmpl"),
                prompt_logprobs=body.logprobs if scored else None)
 

@@ -189,6 +189,7 @@ class CompletionRequest(SamplingFields):
         None, ge=0, le=20, description="Report the log p of each token and this many alternatives."
     )
     echo: bool = Field(False, description="Begin each choice's text, and its logprobs, with the prompt's.")
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens to a text prompt.")
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt

@@ -215,6 +215,7 @@ def conformance_requests(tokenizer) -> dict[str, tuple[str, dict]]:
                                                            "allowed_token_ids": [paris, the, 30]}),
         "bad_words": ("completions", completion | {"bad_words": ["Paris", "city"]}),
         "stop string kept": ("completions", completion | {"stop": ["."], "include_stop_str_in_output": True}),
+        "no special tokens": ("completions", completion | {"add_special_tokens": False}),
         "regex": ("completions", {"prompt": "My phone number is", "max_tokens": 12, "temperature": 0,
                                   "structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}}),
         "json schema": ("chat/completions", chat | {"response_format": {"type": "json_schema",
@@ -263,7 +264,7 @@ def test_direct_takes_vllms_engine_options_as_vllms_own_server_does(http, vllm_h
         assert answers[name] == answer(vllm_http, endpoint, body), name
         if answers[name][0] != 200:
             assert_error(http.post(f"/v1/{endpoint}", json={"model": MODEL, **body}), answers[name][0])
-    assert [status for status, _ in answers.values()] == [200] * 11 + [400] * 5
+    assert [status for status, _ in answers.values()] == [200] * 12 + [400] * 5
     for name in ("json schema", "json schema, streamed"):
         [placed] = answers[name][1]
         assert placed["finish_reason"] == "stop" and set(json.loads(placed["text"])) == {"city", "country"}, placed
