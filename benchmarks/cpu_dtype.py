@@ -11,7 +11,8 @@ with the same flags (a restart, with whatever the first left in vLLM's compile c
 tokens/s of a 448-token prompt that misses the prefix cache (what power_mcmc's scoring costs); and
 the wall-clock of a seeded power_mcmc request (32 tokens, 1 step per block). Medians of `--repeats`.
 Each finished configuration is appended to cpu_dtype.jsonl, so an interrupted run resumes; writes
-cpu_dtype.json and prints a Markdown table.
+cpu_dtype.json and prints a Markdown table. Each row keeps the command that measured it, and the
+file's `command` names every invocation its rows came from (several may fill one `--output`).
 """
 
 import argparse
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "cpu_dtype.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = header("benchmarks.cpu_dtype", sys.argv[1:] if argv is None else argv)["command"]
     records = args.output.with_suffix(".jsonl")
     done = [r for r in read_records(records) if "mode" in r]  # rows from before the compile axis: measured again
     configurations = [(kernels, dtype, mode) for kernels in args.kernels for dtype in args.dtypes
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         with mock.patch.dict("os.environ", KERNELS[kernels]):
             started = time.monotonic()
             with embedded_server(SERVED, free_port(), flags, log=log) as url:
-                row = {"kernels": kernels, "dtype": dtype, "mode": mode, "start_s": time.monotonic() - started,
+                row = {"kernels": kernels, "dtype": dtype, "mode": mode, "command": command,
+                       "start_s": time.monotonic() - started,
                        **measure(url, args.repeats, random.Random(i))}
             started = time.monotonic()
             with embedded_server(SERVED, free_port(), flags, log=log):
@@ -111,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         done.append(row)
     cpuinfo = {key.strip(): value.strip() for key, _, value in
                (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines())}
+    # Rows measured by several invocations (one file, configurations chosen per run) name them all.
+    commands = list(dict.fromkeys(row.get("command", command) for row in done)) or [command]
     report = header("benchmarks.cpu_dtype", sys.argv[1:] if argv is None else argv) | {
+        "command": " && ".join(commands),
         "cpu": cpuinfo["model name"], "cpu_bf16_instructions": "avx512_bf16" in cpuinfo["flags"].split(),
         "kernels": KERNELS,
         "workload": {"decode": DECODE, "prefill_tokens": PREFILL_TOKENS, "power_mcmc": MCMC,
