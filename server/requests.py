@@ -182,7 +182,10 @@ def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, 
 
 def _refuse_direct_only_fields(body: p.SamplingFields, sampler: Sampler) -> None:
     for name in p.DIRECT_ONLY_FIELDS:
-        if getattr(body, name) != type(body).model_fields[name].default:
+        value = getattr(body, name)
+        if name == "response_format" and value is not None and value.constraint() is None:
+            continue  # {"type": "text"}: free text, as without the field
+        if value != type(body).model_fields[name].default:
             raise bad_request(f"'{name}' is passed to the engine by sampler '{DEFAULT_SAMPLER}' only; sampler "
                               f"'{sampler.name}' would not honour it.", param=name)
 

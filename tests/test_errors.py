@@ -64,6 +64,7 @@ def test_engine_options_are_for_direct_only(http, sampler, fields):
 def test_engine_options_at_their_defaults_pass_for_any_sampler(http):
     defaults = {name: p.SamplingFields.model_fields[name].default for name in p.DIRECT_ONLY_FIELDS}
     assert complete(http, sampler="power_mcmc", **defaults).status_code == 200
+    assert complete(http, sampler="power_mcmc", response_format={"type": "text"}).status_code == 200
 
 
 def test_fields_of_other_apis_are_ignored_and_named(client, http):
