@@ -171,18 +171,19 @@ class CompletionFormat(Format):
     def __init__(self, body: p.CompletionRequest):
         self.token_ids = body.return_token_ids
         self.prompts = body.prompts() if body.echo else None
+        self.truncated = body.truncate_prompt_tokens is not None  # then a string prompt may have been cut
         self.echoes: dict[int, tuple[str, p.CompletionLogprobs | None]] = {}  # per prompt
         self.started: set[int] = set()  # the choices whose first chunk is sent
 
     def _echo(self, run: Run, index: int) -> tuple[str, p.CompletionLogprobs | None]:
         """What choice `index` begins with: its prompt's text, and its tokens' logprobs if they were
-        scored (a string prompt as given, token ids decoded, as vLLM's server does)."""
+        scored (a string prompt as given, token ids or a cut prompt decoded)."""
         if self.prompts is None:
             return "", None
         i = index // run.decode.n
         if i not in self.echoes:
             tokenizer, ids = run.model.tokenizer, run.prompts[i]
-            text = self.prompts[i] if isinstance(self.prompts[i], str) else tokenizer.decode(ids)
+            text = self.prompts[i] if isinstance(self.prompts[i], str) and not self.truncated else tokenizer.decode(ids)
             logprobs = None
             if run.prompt_logprobs is not None:
                 named = [dataclasses.replace(t, token=tokenizer.decode(t.token_id), top=tuple(

@@ -121,6 +121,11 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string that ended the output.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Cut each prompt to this many tokens (-1: the context less one token).")
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="Which end truncate_prompt_tokens cuts from (default: the tokenizer's; 'left' "
+        "keeps the prompt's end).")
     # Extension
     request_timeout: float | None = Field(
         None, gt=0, description="Seconds the request may take, queueing included (default and "

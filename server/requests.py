@@ -152,7 +152,7 @@ def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, 
     model = state.ready_model()
     if not prompts:
         raise bad_request("The prompt list is empty.", param="prompt")
-    prompts = [_checked_prompt(model, ids) for ids in prompts]
+    prompts = [_checked_prompt(model, _truncated(model, body, ids)) for ids in prompts]
     longest = max(len(ids) for ids in prompts)
     room = model.max_model_len - longest
     if room < 1:
@@ -200,6 +200,22 @@ def _check_decode(model, decode: DecodeParams) -> None:
     check_in_vocabulary(model, decode.allowed_token_ids or (), "allowed_token_ids", param="allowed_token_ids")
     if decode.temperature == 0 and decode.n > 1:
         raise bad_request("Greedy decoding (temperature 0) gives one completion: n must be 1.", param="n")
+
+
+def _truncated(model, body: p.SamplingFields, ids: list[int]) -> list[int]:
+    """The prompt cut to truncate_prompt_tokens, from the end truncation_side names, as vLLM's server cuts it."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep > model.max_model_len:
+        raise bad_request(f"truncate_prompt_tokens ({keep}) exceeds the model's context of {model.max_model_len} "
+                          "tokens.", param="truncate_prompt_tokens")
+    if keep == -1:
+        keep = model.max_model_len - 1  # a token of the context left for the output
+    if len(ids) <= keep:
+        return ids
+    side = body.truncation_side or model.tokenizer.truncation_side
+    return ids[len(ids) - keep:] if side == "left" else ids[:keep]
 
 
 def _checked_prompt(model, ids: list[int]) -> list[int]:

@@ -216,6 +216,10 @@ def conformance_requests(tokenizer) -> dict[str, tuple[str, dict]]:
         "bad_words": ("completions", completion | {"bad_words": ["Paris", "city"]}),
         "stop string kept": ("completions", completion | {"stop": ["."], "include_stop_str_in_output": True}),
         "no special tokens": ("completions", completion | {"add_special_tokens": False}),
+        "prompt cut": ("completions", completion | {"truncate_prompt_tokens": 3}),
+        "prompt cut, end kept": ("completions", completion | {"truncate_prompt_tokens": 3, "truncation_side": "left"}),
+        "prompt cut to the context": ("completions", completion | {"truncate_prompt_tokens": -1}),
+        "chat prompt cut": ("chat/completions", chat | {"truncate_prompt_tokens": 20, "truncation_side": "left"}),
         "regex": ("completions", {"prompt": "My phone number is", "max_tokens": 12, "temperature": 0,
                                   "structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}}),
         "json schema": ("chat/completions", chat | {"response_format": {"type": "json_schema",
@@ -228,6 +232,7 @@ def conformance_requests(tokenizer) -> dict[str, tuple[str, dict]]:
         "bias out of vocabulary": ("completions", completion | {"logit_bias": {str(10 ** 6): 1}}),
         "min_p over 1": ("completions", completion | {"min_p": 2}),
         "schema missing": ("chat/completions", chat | {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+        "cut beyond the context": ("completions", completion | {"truncate_prompt_tokens": 4096}),
     }
 
 
@@ -264,7 +269,7 @@ def test_direct_takes_vllms_engine_options_as_vllms_own_server_does(http, vllm_h
         assert answers[name] == answer(vllm_http, endpoint, body), name
         if answers[name][0] != 200:
             assert_error(http.post(f"/v1/{endpoint}", json={"model": MODEL, **body}), answers[name][0])
-    assert [status for status, _ in answers.values()] == [200] * 12 + [400] * 5
+    assert [status for status, _ in answers.values()] == [200] * 16 + [400] * 6
     for name in ("json schema", "json schema, streamed"):
         [placed] = answers[name][1]
         assert placed["finish_reason"] == "stop" and set(json.loads(placed["text"])) == {"city", "country"}, placed
