@@ -240,8 +240,12 @@ def _chat_logprobs(tokens: list[TokenLogprob]) -> p.ChatLogprobs:
 
 
 class ChatFormat(Format):
+    """Chat choices; with `echo`, the reply begins with the continued message's content (in a stream,
+    a chunk of its own after the role's)."""
+
     def __init__(self, body: p.ChatCompletionRequest):
         self.token_ids = body.return_token_ids
+        self.echo = body.echoed()
 
     def _chunk(self, run: Run, choices: list[p.ChatStreamChoice], **extra) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=run.request_id, model=run.model_name, choices=choices, **extra)
@@ -250,7 +254,9 @@ class ChatFormat(Format):
         roles = [p.ChatStreamChoice(index=c.index, delta=p.AssistantMessage(role="assistant", content=""))
                  for c in run.choices]
         prompt_ids = run.prompts[0] if self.token_ids else None
-        return [self._chunk(run, roles, prompt_token_ids=prompt_ids)]
+        echoes = [self._chunk(run, [p.ChatStreamChoice(index=c.index, delta=p.AssistantMessage(content=self.echo))])
+                  for c in run.choices] if self.echo else []
+        return [self._chunk(run, roles, prompt_token_ids=prompt_ids), *echoes]
 
     def chunks(self, run: Run, delta: ChoiceDelta) -> list[p.ChatCompletionChunk]:
         out = p.ChatStreamChoice(
@@ -267,7 +273,7 @@ class ChatFormat(Format):
     def final(self, run: Run) -> p.ChatCompletionResponse:
         choices = [
             p.ChatChoice(
-                index=c.index, message=p.AssistantMessage(role="assistant", content=c.text),
+                index=c.index, message=p.AssistantMessage(role="assistant", content=self.echo + c.text),
                 logprobs=None if c.logprobs is None else _chat_logprobs(c.logprobs),
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=c.token_ids if self.token_ids else None,

@@ -251,6 +251,18 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     add_special_tokens: bool = Field(False, description="Add the tokenizer's special tokens to the templated "
                                      "prompt too (the template writes its own).")
     tool_choice: str | dict | None = Field(None, description="Only 'none': this server parses no tool calls.")
+    echo: bool = Field(False, description="Begin the reply with the last message's content when it has the "
+                       "reply's role (a continued message).")
+
+    def reply_role(self) -> str:
+        """The role the reply continues, as vLLM's server has it: the assistant's after a generation
+        prompt, else the last message's."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
+
+    def echoed(self) -> str:
+        """With `echo`, what the reply begins with: the last message's content, if it has the reply's role."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == self.reply_role() else ""
 
 
 class TokenizeRequest(ChatTemplateFields):

@@ -285,6 +285,11 @@ TOOL_TURN = [{"role": "user", "content": "Weather in Paris?"},
 CHAT_TEMPLATE_REQUESTS = {
     "continued": {"messages": OPENED, "add_generation_prompt": False, "continue_final_message": True},
     "closed": {"messages": OPENED, "add_generation_prompt": False},
+    "continued, echoed": {"messages": OPENED, "add_generation_prompt": False, "continue_final_message": True,
+                          "echo": True},
+    "continued, echoed, streamed": {"messages": OPENED, "add_generation_prompt": False,
+                                    "continue_final_message": True, "echo": True, "stream": True},
+    "echo of another role": {"messages": CHAT, "echo": True},
     "template variables": {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
     "own template": {"messages": CHAT, "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
                      "{% endfor %}assistant:"},
@@ -305,7 +310,9 @@ def test_chat_template_controls_answer_as_vllms_own_server(http, vllm_http):
         ours = answer(http, "chat/completions", body)
         assert ours == answer(vllm_http, "chat/completions", body), name
         statuses[name] = ours[0]
-    assert list(statuses.values()) == [200] * 6 + [400] * 2
+    assert list(statuses.values()) == [200] * 9 + [400] * 2
+    assert answer(http, "chat/completions", {"max_tokens": 8, "temperature": 0, **CHAT_TEMPLATE_REQUESTS[
+        "continued, echoed"]})[1][0]["text"].startswith(OPENED[-1]["content"])
     assert_error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "tools": [TOOL],
                                                          "tool_choice": "required"}), 400, "tool_choice")
 
