@@ -219,8 +219,10 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
+        """The content as one string: text parts joined by newlines, as vLLM's server joins them for a
+        chat template that takes strings."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)
         return self.content or ""
 
 

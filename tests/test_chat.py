@@ -16,12 +16,15 @@ def test_prompt_is_the_chat_template(client, tokenizer):
     assert r.usage.completion_tokens == len(r.choices[0].token_ids) <= 8
 
 
-def test_text_parts_equal_plain_content(client):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
-                                          {"type": "text", "text": "of France?"}]}]
-    plain = [{"role": "user", "content": "What is the capital of France?"}]
-    a, b = (client.chat.completions.create(model=MODEL, messages=m, max_tokens=8, temperature=0)
-            for m in (parts, plain))
+def test_text_parts_are_the_content_joined_by_newlines(client):
+    """As vLLM's server joins them for a template that takes strings (its /tokenize agrees:
+    tests/test_completions.py)."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"},
+                                          {"type": "text", "text": "Answer in one word."}]}]
+    plain = [{"role": "user", "content": "What is the capital of France?\nAnswer in one word."}]
+    a, b = (client.chat.completions.create(model=MODEL, messages=m, max_tokens=8, temperature=0,
+                                           extra_body={"return_token_ids": True}) for m in (parts, plain))
+    assert a.prompt_token_ids == b.prompt_token_ids
     assert a.choices[0].message.content == b.choices[0].message.content
 
 

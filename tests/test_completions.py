@@ -156,6 +156,7 @@ def test_logprobs_are_the_models_own_at_any_temperature(live_server, client, tem
 
 TOKENIZE = [{"prompt": PROMPT}, {"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True},
             {"messages": [{"role": "user", "content": "Hi"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}],
              "add_generation_prompt": False, "continue_final_message": True, "return_token_strs": True}]
 
