@@ -140,10 +140,11 @@ class Checked(NamedTuple):
 
 def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, params: BaseModel,
                   adapter: str | None, prompts: list[list[int]], max_tokens: int | None,
-                  logprobs: int | None) -> Checked:
+                  logprobs: int | None, scores_prompts: bool = False) -> Checked:
     """The request checked against the server's limits, the model (its vocabulary and context),
-    and the sampler; its max_tokens, when absent, is what the context leaves. Raises the first
-    check's error: 400, or 503 while the engine cannot take requests."""
+    and the sampler; its max_tokens, when absent, is what the context leaves; `scores_prompts`:
+    the prompts are scored too (an echo's logprobs), at a prefill each. Raises the first check's
+    error: 400, or 503 while the engine cannot take requests."""
     limits = state.limits
     timeout = body.request_timeout or limits.request_timeout
     if timeout > limits.max_request_timeout:
@@ -164,14 +165,14 @@ def check_request(state: EngineState, body: p.SamplingFields, sampler: Sampler, 
         raise bad_request(
             f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"model's context of {model.max_model_len} tokens.", param="max_tokens")
-    if max_tokens == 0:  # an echo that only scores the prompt: nothing is sampled
-        return Checked(model, prompts, body.decode_params(0, logprobs, adapter), timeout)
-    if sampler.name != DEFAULT_SAMPLER:
-        _refuse_direct_only_fields(body, sampler)
+    cost = sum(len(ids) for ids in prompts) if scores_prompts else 0
     decode = body.decode_params(max_tokens, logprobs, adapter)
-    _check_decode(model, decode)
-    sampler.check(model, decode, params)
-    cost = sum(sampler.max_engine_tokens(len(ids), decode, params) for ids in prompts)
+    if max_tokens > 0:  # else an echo that only scores the prompt: nothing is sampled
+        if sampler.name != DEFAULT_SAMPLER:
+            _refuse_direct_only_fields(body, sampler)
+        _check_decode(model, decode)
+        sampler.check(model, decode, params)
+        cost += sum(sampler.max_engine_tokens(len(ids), decode, params) for ids in prompts)
     if cost > limits.max_request_cost:
         raise bad_request(
             f"This request could cost up to {cost} engine tokens with sampler "

@@ -73,7 +73,8 @@ class Run:
         self.prompt_logprobs: list[list[TokenLogprob]] | None = None  # per prompt, from its second token
         try:
             self.model, self.prompts, self.decode, self.timeout = check_request(
-                state, body, self.sampler, self.params, self.adapter, prompts, max_tokens, logprobs)
+                state, body, self.sampler, self.params, self.adapter, prompts, max_tokens, logprobs,
+                scores_prompts=prompt_logprobs is not None)
             self.deadline = asyncio.get_running_loop().time() + self.timeout
             self.ticket = state.gates[self.sampler.name].admit()
         except Exception as exc:

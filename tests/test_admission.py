@@ -119,6 +119,10 @@ def test_cost_cap_refuses_with_the_reason_and_bounds_the_real_spend(guarded):
         response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 400, "n": 64})
         assert_error(response, 400, says=f"cap of {COST_CAP}")
         assert "25600 engine tokens" in response.json()["error"]["message"]
+        # An echo's logprobs score the prompts: 21 prompts of 1000 tokens are over the cap with nothing generated.
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": [[42] * 1000] * 21, "max_tokens": 0,
+                                                      "echo": True, "logprobs": 0})
+        assert_error(response, 400, says="21000 engine tokens")
     # The estimate is an upper bound of what a run really spends, scoring included (q != p).
     cases = [
         ({"sampler": "power_mcmc", "mcmc_steps": 3, "block_size": 4, "proposal_temperature": 0.5}, 12),
