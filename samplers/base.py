@@ -23,6 +23,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple["TokenLogprob", ...] = ()
+    rank: int | None = None  # by log p in the vocabulary (1: the likeliest), where the engine reports it
 
 
 @dataclass
@@ -64,6 +65,9 @@ class DecodeParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     adapter: str | None = None  # decode with this LoRA adapter of the model (a distilled model)
+    # The engine schedules lower values first under vLLM's priority policy (else it ignores them);
+    # every engine request of a request carries the request's.
+    priority: int = 0
     # Constraints and detokenization options that plain decoding passes to the engine (the power
     # samplers draw with their own decoding parameters, and the server refuses these for them).
     min_p: float = 0.0
@@ -121,9 +125,10 @@ class LanguageModel(Protocol):
         ...
 
     async def score(self, token_ids: list[int], start: int, request_id: str, spend: Spend,
-                    alternatives: int = 0) -> list[TokenLogprob]:
+                    alternatives: int = 0, priority: int = 0) -> list[TokenLogprob]:
         """log p(token_ids[i] | token_ids[:i]) under the model at temperature 1, for i >= start,
-        each with the `alternatives` most likely tokens at its position."""
+        each with the `alternatives` most likely tokens at its position (and its rank); `priority`
+        as DecodeParams has it."""
         ...
 
     def decode(

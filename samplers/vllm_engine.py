@@ -144,14 +144,14 @@ class VllmModel:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     async def score(self, token_ids: list[int], start: int, request_id: str, spend: Spend,
-                    alternatives: int = 0) -> list[TokenLogprob]:
+                    alternatives: int = 0, priority: int = 0) -> list[TokenLogprob]:
         # Prompt logprobs are the model's raw log p whatever the logprobs mode, which makes them
         # exact for scoring; the price is that vLLM then skips the prefix cache for the request,
         # so the whole sequence is prefilled again.
         sampling = SamplingParams(max_tokens=1, prompt_logprobs=alternatives, detokenize=False)
         final = None
         async for output in self.engine.generate(
-            TokensPrompt(prompt_token_ids=token_ids), sampling, request_id
+            TokensPrompt(prompt_token_ids=token_ids), sampling, request_id, priority=priority
         ):
             final = output
         spend.scored += len(token_ids)
@@ -169,7 +169,7 @@ class VllmModel:
             # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
             async for output in self.engine.generate(
                 TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id,
-                lora_request=self.adapters[params.adapter] if params.adapter else None,
+                lora_request=self.adapters[params.adapter] if params.adapter else None, priority=params.priority,
             ):
                 # With n > 1 each choice is a request of its own inside vLLM, with its own prefill;
                 # its first output says how much of the prompt it found in the prefix cache.
@@ -269,8 +269,8 @@ def _token_logprob(token_id: int, position: Mapping[int, Logprob], top_count: in
     """
     ranked = sorted(position.items(), key=lambda item: -item[1].logprob)
     top = tuple(
-        TokenLogprob(tid, lp.decoded_token or "", lp.logprob)
+        TokenLogprob(tid, lp.decoded_token or "", lp.logprob, rank=lp.rank)
         for tid, lp in ranked[:top_count]
     )
     chosen = position[token_id]
-    return TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top)
+    return TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top, chosen.rank)

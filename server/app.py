@@ -26,6 +26,7 @@ LOADING_REPORT_S = 30.0  # how often the log says that the engine is still start
 # How long a server with a dead engine keeps answering 503 before it exits: long enough for
 # in-flight requests to get their 503 and for probes to see it.
 ENGINE_DEATH_GRACE_S = 2.0
+PRIORITY_HEADER = "X-Vllm-Priority"  # vLLM's server reads a request's priority from it too
 
 
 def create_app(
@@ -145,14 +146,28 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=v1, response_model=p.CompletionResponse)
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        _take_header_priority(body, request)
         return await respond(formats.completion_run(state, body), request, body.stream,
                              formats.CompletionFormat(body))
 
     @app.post("/v1/chat/completions", dependencies=v1, response_model=p.ChatCompletionResponse)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        _take_header_priority(body, request)
         return await respond(formats.chat_run(state, body), request, body.stream, formats.ChatFormat(body))
 
     return app
+
+
+def _take_header_priority(body: p.SamplingFields, request: Request) -> None:
+    """An X-Vllm-Priority header that holds an integer overrides the body's priority, as on vLLM's
+    server (which ignores one that does not)."""
+    try:
+        priority = int(request.headers[PRIORITY_HEADER])
+    except (KeyError, ValueError):
+        return
+    if not p.INT64_MIN <= priority <= p.INT64_MAX:
+        raise errors.bad_request(f"The {PRIORITY_HEADER} header must fit in 64 bits.", param="priority")
+    body.priority = priority
 
 
 def _installed_version(*distributions: str) -> str:

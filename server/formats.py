@@ -19,14 +19,10 @@ def completion_run(state: EngineState, body: p.CompletionRequest) -> Run:
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens 0 generates nothing: it is for scoring a prompt, with echo and logprobs.",
                           param="max_tokens")
-    scored = body.echo and body.logprobs is not None
-    if scored and not model.can_score:
-        raise bad_request("This server cannot score prompts: vLLM's CPU engine cannot compute prompt "
-                          "log-probabilities while it serves LoRA adapters (--distilled).", param="echo")
     prompts = [model.tokenizer.encode(x, add_special_tokens=body.add_special_tokens) if isinstance(x, str) else x
                for x in body.prompts()]
     return Run(state, body, prompts, body.max_tokens, body.logprobs, p.new_id("cmpl"),
-               prompt_logprobs=body.logprobs if scored else None)
+               prompt_logprobs=_prompt_alternatives(model, body, body.logprobs if body.echo else None))
 
 
 def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
@@ -36,7 +32,29 @@ def chat_run(state: EngineState, body: p.ChatCompletionRequest) -> Run:
     prompt = chat_prompt(state, body.messages, body, body.add_special_tokens)
     max_tokens = body.max_completion_tokens or body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return Run(state, body, [prompt], max_tokens, logprobs, p.new_id("chatcmpl"))
+    return Run(state, body, [prompt], max_tokens, logprobs, p.new_id("chatcmpl"),
+               prompt_logprobs=_prompt_alternatives(state.ready_model(), body, None))
+
+
+def _prompt_alternatives(model, body: p.SamplingFields, echoed: int | None) -> int | None:
+    """How many alternatives each prompt token is scored with (None: it is not scored): what
+    prompt_logprobs asks for, else what an echo's logprobs show (`echoed`), as on vLLM's server.
+    A stream has no place for prompt_logprobs: there only 0 is accepted, as by vLLM's server."""
+    asked = body.prompt_logprobs
+    if asked is not None:
+        if body.stream and asked != 0:
+            raise bad_request("prompt_logprobs are not returned in a stream.", param="prompt_logprobs")
+        if asked == -1:
+            asked = model.vocab_size
+        if asked > p.MAX_ALTERNATIVES:
+            raise bad_request(f"prompt_logprobs asks for {asked} alternatives per token; this server reports at "
+                              f"most {p.MAX_ALTERNATIVES}.", param="prompt_logprobs")
+    alternatives = echoed if asked is None else asked
+    if alternatives is not None and not model.can_score:
+        raise bad_request("This server cannot score prompts: vLLM's CPU engine cannot compute prompt "
+                          "log-probabilities while it serves LoRA adapters (--distilled).",
+                          param="echo" if asked is None else "prompt_logprobs")
+    return alternatives
 
 
 def _check_tool_choice(body: p.ChatCompletionRequest) -> None:
@@ -171,6 +189,7 @@ class CompletionFormat(Format):
     def __init__(self, body: p.CompletionRequest):
         self.token_ids = body.return_token_ids
         self.prompts = body.prompts() if body.echo else None
+        self.echoed_alternatives = body.logprobs
         self.truncated = body.truncate_prompt_tokens is not None  # then a string prompt may have been cut
         self.echoes: dict[int, tuple[str, p.CompletionLogprobs | None]] = {}  # per prompt
         self.started: set[int] = set()  # the choices whose first chunk is sent
@@ -185,10 +204,10 @@ class CompletionFormat(Format):
             tokenizer, ids = run.model.tokenizer, run.prompts[i]
             text = self.prompts[i] if isinstance(self.prompts[i], str) and not self.truncated else tokenizer.decode(ids)
             logprobs = None
-            if run.prompt_logprobs is not None:
+            if run.prompt_logprobs is not None and self.echoed_alternatives is not None:
                 named = [dataclasses.replace(t, token=tokenizer.decode(t.token_id), top=tuple(
-                    dataclasses.replace(a, token=tokenizer.decode(a.token_id)) for a in t.top))
-                    for t in run.prompt_logprobs[i]]
+                    dataclasses.replace(a, token=tokenizer.decode(a.token_id))
+                    for a in t.top[:self.echoed_alternatives])) for t in run.prompt_logprobs[i]]
                 logprobs = _completion_logprobs(named, 0, unscored=tokenizer.decode(ids[:1]))
             self.echoes[i] = text, logprobs
         return self.echoes[i]
@@ -224,9 +243,23 @@ class CompletionFormat(Format):
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=c.token_ids if self.token_ids else None,
                 prompt_token_ids=c.prompt_token_ids if self.token_ids else None,
+                prompt_logprobs=prompt_logprobs(run, c.index // run.decode.n),
             ))
         return p.CompletionResponse(id=run.request_id, model=run.model_name, choices=choices,
                                     usage=run.usage(), sampler_usage=run.sampler_usage())
+
+
+def prompt_logprobs(run: Run, i: int) -> p.PromptLogprobs | None:
+    """Prompt `i`'s scored tokens in vLLM's shape: per token, it and its alternatives by id."""
+    if run.prompt_logprobs is None:
+        return None
+    decode = run.model.tokenizer.decode
+
+    def entry(t: TokenLogprob) -> tuple[str, p.PromptLogprob]:
+        return str(t.token_id), p.PromptLogprob(logprob=_reported(t.logprob), rank=t.rank,
+                                                 decoded_token=decode(t.token_id))
+
+    return [None, *(dict([entry(t), *map(entry, t.top)]) for t in run.prompt_logprobs[i])]
 
 
 def _chat_logprobs(tokens: list[TokenLogprob]) -> p.ChatLogprobs:
@@ -284,4 +317,5 @@ class ChatFormat(Format):
             id=run.request_id, model=run.model_name, choices=choices, usage=run.usage(),
             sampler_usage=run.sampler_usage(),
             prompt_token_ids=run.prompts[0] if self.token_ids else None,
+            prompt_logprobs=prompt_logprobs(run, 0),
         )

@@ -18,6 +18,7 @@ from samplers import DecodeParams
 # The engine takes these as fixed-width integers.
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_ALTERNATIVES = 20  # the most alternatives per token a client may ask for, as on vLLM's server
 NonEmptyString = Annotated[str, StringConstraints(min_length=1)]
 
 
@@ -126,6 +127,12 @@ class SamplingFields(BaseModel):
     truncation_side: Literal["left", "right"] | None = Field(
         None, description="Which end truncate_prompt_tokens cuts from (default: the tokenizer's; 'left' "
         "keeps the prompt's end).")
+    prompt_logprobs: int | None = Field(
+        None, ge=-1, description="Report each prompt token's log p and this many alternatives (-1: the whole "
+        "vocabulary), in the response (not streamed).")
+    # Bounded as the engine's inter-process messages carry it (64 bits).
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="The engine serves lower values first "
+                          "when the server runs with --scheduling-policy priority; else ignored, as by vLLM.")
     # Extension
     request_timeout: float | None = Field(
         None, gt=0, description="Seconds the request may take, queueing included (default and "
@@ -173,6 +180,7 @@ class SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            priority=self.priority,
         )
 
 
@@ -191,7 +199,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=0, description="Tokens to generate at most per choice; 0 (with echo) "
                                    "generates none: the prompt is only scored.")
     logprobs: int | None = Field(
-        None, ge=0, le=20, description="Report the log p of each token and this many alternatives."
+        None, ge=0, le=MAX_ALTERNATIVES, description="Report the log p of each token and this many alternatives."
     )
     echo: bool = Field(False, description="Begin each choice's text, and its logprobs, with the prompt's.")
     add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens to a text prompt.")
@@ -249,7 +257,8 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; use max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     logprobs: bool = Field(False, description="Report the log p of each output token.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_ALTERNATIVES,
+                                     description="Alternatives per token (needs logprobs).")
     add_special_tokens: bool = Field(False, description="Add the tokenizer's special tokens to the templated "
                                      "prompt too (the template writes its own).")
     tool_choice: str | dict | None = Field(None, description="Only 'none': this server parses no tool calls.")
@@ -306,7 +315,7 @@ class DetokenizeRequest(BaseModel):
 # scheduling and bookkeeping, distributed KV transfer, tool and multimodal options without tools or
 # images, expert-routing diagnostics.
 VLLM_FIELDS_SAFE_TO_IGNORE = frozenset({
-    "priority", "request_id", "session_id", "cache_salt", "kv_transfer_params", "ec_transfer_params",
+    "request_id", "session_id", "cache_salt", "kv_transfer_params", "ec_transfer_params",
     "stream_interval", "parallel_tool_calls", "include_reasoning", "media_io_kwargs", "mm_processor_kwargs",
     "return_mm_kwargs", "routed_experts_prompt_start",
 })
@@ -383,6 +392,17 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = Field(None, description="Its rank in the vocabulary by log p (1: the likeliest).")
+    decoded_token: str
+
+
+# Per prompt token: its id (and its alternatives' ids) -> log p; None for the first token, which
+# nothing comes before. vLLM's shape.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -391,6 +411,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ResponseFields(BaseModel):
@@ -449,6 +470,7 @@ class ChatCompletionResponse(ResponseFields):
     usage: Usage
     sampler_usage: SamplerUsage
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionChunk(ResponseFields):

@@ -59,7 +59,8 @@ class Run:
         request_id: str,
         prompt_logprobs: int | None = None,
     ):
-        """`prompt_logprobs`: score each prompt's tokens too, with this many alternatives (an echo's)."""
+        """`prompt_logprobs`: score each prompt's tokens too, with this many alternatives (for the
+        response's prompt_logprobs or an echo's logprobs)."""
         self.sampler, self.params, self.adapter, self.ignored_fields = resolve_sampler(state, body)
         self.label = DISTILLED if self.adapter else self.sampler.name
         self.metrics = RequestMetrics(self.adapter or state.served_name, self.label)
@@ -88,7 +89,8 @@ class Run:
         await self.ticket.wait()
         if self.prompt_alternatives is not None:
             self.prompt_logprobs = [
-                await self.model.score(ids, 1, f"{self.request_id}-prompt-{i}", self.spend, self.prompt_alternatives)
+                await self.model.score(ids, 1, f"{self.request_id}-prompt-{i}", self.spend, self.prompt_alternatives,
+                                       self.decode.priority)
                 for i, ids in enumerate(self.prompts)]
         if self.decode.max_tokens == 0:  # nothing to sample: each choice ends at once
             for choice in self.choices:

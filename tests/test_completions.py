@@ -357,6 +357,57 @@ def test_echo_answers_as_vllms_own_server(http, vllm_http):
                     assert top == pytest.approx(their_top, abs=1e-4)
 
 
+PROMPT_LOGPROBS = {
+    "completion": ("completions", {"prompt": PROMPT, "prompt_logprobs": 2}),
+    "two prompts, no alternatives": ("completions", {"prompt": [PROMPT, "Hello there"], "prompt_logprobs": 0}),
+    "an echo's": ("completions", {"prompt": PROMPT, "echo": True, "logprobs": 1}),
+    "chat": ("chat/completions", {"messages": CHAT, "prompt_logprobs": 1}),
+    "streamed, none": ("completions", {"prompt": PROMPT, "prompt_logprobs": 0, "stream": True}),
+    "streamed": ("completions", {"prompt": PROMPT, "prompt_logprobs": 1, "stream": True}),
+    "the whole vocabulary": ("completions", {"prompt": PROMPT, "prompt_logprobs": -1}),
+    "over the limit": ("completions", {"prompt": PROMPT, "prompt_logprobs": 21}),
+    "negative": ("chat/completions", {"messages": CHAT, "prompt_logprobs": -2}),
+}
+
+
+def prompt_logprobs(http, endpoint: str, body: dict) -> tuple[int, list]:
+    """The status and, for a 200, each prompt's prompt_logprobs (a stream's chunks have none)."""
+    response = http.post(f"/v1/{endpoint}", json={"model": MODEL, "max_tokens": 2, "temperature": 0, **body})
+    if response.status_code != 200 or body.get("stream"):
+        return response.status_code, []
+    answer = response.json()
+    return 200, [answer["prompt_logprobs"]] if endpoint == "chat/completions" else [
+        c["prompt_logprobs"] for c in answer["choices"]]
+
+
+def test_prompt_logprobs_answer_as_vllms_own_server(http, vllm_http):
+    """Per prompt token, its log p with its alternatives' and their ranks in vLLM's shape, None for
+    the first token: on completions (asked for, or an echo's), chat, and refused as vLLM refuses it;
+    and the same from a power sampler."""
+    statuses = []
+    for name, (endpoint, body) in PROMPT_LOGPROBS.items():
+        (status, ours), (their_status, theirs) = (prompt_logprobs(h, endpoint, body) for h in (http, vllm_http))
+        assert status == their_status, name
+        statuses.append(status)
+        for mine, other in zip(ours, theirs, strict=True):
+            assert len(mine) == len(other) and mine[0] is None and other[0] is None, name
+            for position, their_position in zip(mine[1:], other[1:]):
+                assert position.keys() == their_position.keys(), name
+                for token, entry in position.items():
+                    their = their_position[token]
+                    assert entry["decoded_token"] == their["decoded_token"], name
+                    assert entry["logprob"] == pytest.approx(their["logprob"], abs=1e-4), name
+                    # A token deep in the ranking sits among near-equal logits, where float
+                    # noise of 1e-4 can move it a few places.
+                    assert entry["rank"] == pytest.approx(their["rank"], rel=0.01, abs=1), name
+    assert statuses == [200] * 5 + [400] * 4
+    asked = {"prompt": PROMPT, "prompt_logprobs": 2, "temperature": 1}
+    [direct] = prompt_logprobs(http, "completions", asked)[1]
+    [powered] = prompt_logprobs(http, "completions", asked | {"sampler": "power_mcmc", "mcmc_steps": 1})[1]
+    assert [position and sorted(position) for position in direct] == [position and sorted(position)
+                                                                      for position in powered]
+
+
 def test_echo_without_generation_scores_the_prompt(http, live_server, tokenizer):
     """max_tokens 0 with echo and logprobs: the prompt's log p by a float32 Hugging Face forward
     pass, token by token, with the likeliest alternative's; nothing is generated."""

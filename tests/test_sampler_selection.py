@@ -51,9 +51,9 @@ def test_resolution_errors(fields, status, param):
 
 def test_fields_of_other_apis_that_change_nothing_are_ignored():
     resolved = resolve_sampler(STATE, request(sampler="power_mcmc", power_alpha=2, metadata={"user": "x"},
-                                              priority=3, length_penalty=None, use_beam_search=False))
+                                              cache_salt="s", length_penalty=None, use_beam_search=False))
     assert resolved.params.power_alpha == 2
-    assert resolved.ignored == ["metadata", "priority", "length_penalty", "use_beam_search"]
+    assert resolved.ignored == ["metadata", "cache_salt", "length_penalty", "use_beam_search"]
     chat = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                                    "parallel_tool_calls": False, "store": True})
     assert resolve_sampler(STATE, chat).ignored == ["parallel_tool_calls", "store"]
