@@ -15,7 +15,9 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,6 +70,9 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
     limits.add_argument("--max-request-timeout", type=float, default=defaults.max_request_timeout,
                         metavar="S", help="The most a request's request_timeout may be "
                         f"(default {defaults.max_request_timeout:g}).")
+    parser.add_argument("--drain-timeout", type=float, metavar="S",
+                        help="On SIGTERM, the most seconds to let requests in flight finish before the rest are "
+                        "aborted (default: --max-request-timeout, by when every request has met its deadline).")
     VllmModel.add_cli_args(parser)
     parser.set_defaults(model=None)
     argv = sys.argv[1:] if argv is None else argv
@@ -84,6 +89,10 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
         parser.error("--request-timeout must be positive and at most --max-request-timeout.")
     if args.max_request_cost < 1:
         parser.error("--max-request-cost must be at least 1.")
+    if args.drain_timeout is None:
+        args.drain_timeout = args.max_request_timeout
+    if args.drain_timeout < 0:
+        parser.error("--drain-timeout must not be negative.")
     args.adapters, args.adapter_rank = {}, 0
     for value in args.distilled:
         name, _, path = value.partition("=")
@@ -183,9 +192,42 @@ def main(argv: list[str] | None = None) -> int:
                      api_key=args.api_key, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, state, args.drain_timeout)
     server.run()
     return 1 if failed else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on a first SIGTERM drains instead of stopping at once: /health and
+    new requests answer 503 while the requests in flight finish, for up to `drain_timeout` seconds;
+    then it stops as uvicorn does (aborting what is left) and the process exits 0. A second SIGTERM,
+    or SIGINT, stops it at once, as uvicorn would."""
+
+    def __init__(self, config: uvicorn.Config, state: EngineState, drain_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+        self.drain_deadline = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig != signal.SIGTERM or self.state.draining:
+            return super().handle_exit(sig, frame)
+        # Not passed to uvicorn, which would raise the signal again once stopped and so exit by it.
+        self.state.draining = True
+        self.drain_deadline = time.monotonic() + self.drain_timeout
+        logger.info("SIGTERM: draining %d request(s) in flight for at most %g s; new requests get 503",
+                    self.state.in_flight, self.drain_timeout)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            if self.state.in_flight == 0:
+                logger.info("Drained: every request in flight has finished; stopping")
+                self.should_exit = True
+            elif time.monotonic() >= self.drain_deadline:
+                logger.warning("The drain timeout has passed: aborting %d request(s) in flight and stopping",
+                               self.state.in_flight)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def create_app(
 
     app = FastAPI(title="Power sampling server", lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(CountInFlight, state=state)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -87,7 +88,13 @@ def create_app(
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
             raise errors.APIError(401, "Missing or invalid API key: send 'Authorization: Bearer KEY'.")
 
-    @app.get("/health", summary="200 when the engine can serve requests, 503 otherwise")
+    @app.get("/health/live", summary="200 while the process serves HTTP, loading and draining included "
+             "(liveness; /health is readiness)")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/health", summary="200 when the engine can serve requests, 503 while it loads, after it died, "
+             "or while the server drains")
     async def health() -> Response:
         model = state.ready_model()
         try:
@@ -156,6 +163,25 @@ def create_app(
         return await respond(formats.chat_run(state, body), request, body.stream, formats.ChatFormat(body))
 
     return app
+
+
+class CountInFlight:
+    """Counts the /v1 requests being answered, each until its response's last byte (a stream's
+    included), for the drain on SIGTERM (server/__main__.py). Plain ASGI: FastAPI's own middleware
+    would let a stream go on after it returned."""
+
+    def __init__(self, app, state: EngineState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 def _take_header_priority(body: p.SamplingFields, request: Request) -> None:

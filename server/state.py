@@ -15,6 +15,8 @@ class EngineState:
         self.adapters = adapters or {}  # distilled model name -> its PEFT adapter directory
         self.trust_request_chat_template = trust_request_chat_template
         self.model = None  # samplers.vllm_engine.VllmModel once loaded
+        self.draining = False  # told to stop: new requests are refused while those in flight finish
+        self.in_flight = 0  # /v1 requests being answered, each until its response's last byte
         self.created = 0
         self.limits = limits
         self.gates = {}
@@ -28,6 +30,9 @@ class EngineState:
         return [self.served_name, *self.adapters]
 
     def ready_model(self):
+        if self.draining:
+            raise APIError(503, "The server is draining before it stops: it finishes the requests it has and "
+                           "takes no new ones.")
         if self.model is None:
             raise APIError(503, "The engine is still loading; retry when GET /health answers 200.")
         if self.model.errored:

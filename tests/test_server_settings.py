@@ -36,12 +36,18 @@ def test_the_command_line_wins():
     assert parse_args([], environ).enforce_eager is False
 
 
+def test_the_drain_lasts_as_long_as_the_longest_request_unless_told():
+    assert parse_args(["--max-request-timeout", "90"], {}).drain_timeout == 90
+    assert parse_args(["--max-request-timeout", "90", "--drain-timeout", "0"], {}).drain_timeout == 0
+
+
 @pytest.mark.parametrize("environ, message", [
     ({"POWERSERVE_MAX_MODEL_LENGTH": "2048"}, "POWERSERVE_MAX_MODEL_LENGTH names no flag (--max-model-length)"),
     ({"POWERSERVE_ENFORCE_EAGER": "maybe"}, "--enforce-eager is a switch, so its value must be one of 1, true"),
     ({"POWERSERVE_PORT": "eighty"}, "argument --port: invalid int value: 'eighty'"),
     ({"POWERSERVE_DISTILLED": "a='/b"}, "POWERSERVE_DISTILLED=\"a='/b\": No closing quotation"),
     ({"POWERSERVE_REQUEST_TIMEOUT": "0"}, "--request-timeout must be positive"),
+    ({"POWERSERVE_DRAIN_TIMEOUT": "-1"}, "--drain-timeout must not be negative"),
 ])
 def test_a_bad_variable_is_a_one_line_error(environ, message, capsys):
     with pytest.raises(SystemExit) as exit:
