@@ -43,6 +43,17 @@ class ChoiceDelta:
 
 
 @dataclass(frozen=True)
+class Scheduling:
+    """When and where the engine runs a request's work; every engine request of one request
+    carries the request's, a power sampler's many included."""
+
+    priority: int = 0  # lower first, under vLLM's --scheduling-policy priority (else ignored)
+    # With data parallelism, the engine that runs them all, so that they share its prefix cache;
+    # None: vLLM balances each engine request on its own.
+    engine_rank: int | None = None
+
+
+@dataclass(frozen=True)
 class DecodeParams:
     """What a request asks of decoding, independent of the sampler that serves it.
 
@@ -65,9 +76,7 @@ class DecodeParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     adapter: str | None = None  # decode with this LoRA adapter of the model (a distilled model)
-    # The engine schedules lower values first under vLLM's priority policy (else it ignores them);
-    # every engine request of a request carries the request's.
-    priority: int = 0
+    scheduling: Scheduling = Scheduling()
     # Constraints and detokenization options that plain decoding passes to the engine (the power
     # samplers draw with their own decoding parameters, and the server refuses these for them).
     min_p: float = 0.0
@@ -125,9 +134,9 @@ class LanguageModel(Protocol):
         ...
 
     async def score(self, token_ids: list[int], start: int, request_id: str, spend: Spend,
-                    alternatives: int = 0, priority: int = 0) -> list[TokenLogprob]:
+                    alternatives: int = 0, scheduling: Scheduling = Scheduling()) -> list[TokenLogprob]:
         """log p(token_ids[i] | token_ids[:i]) under the model at temperature 1, for i >= start,
-        each with the `alternatives` most likely tokens at its position (and its rank); `priority`
+        each with the `alternatives` most likely tokens at its position (and its rank); `scheduling`
         as DecodeParams has it."""
         ...
 

@@ -10,7 +10,7 @@ with nothing scored.
 
 import math
 
-from samplers.base import InvalidRequest, LanguageModel, Spend
+from samplers.base import InvalidRequest, LanguageModel, Scheduling, Spend
 
 
 def kept_tokens(top_k: int, vocab_size: int) -> int:
@@ -70,7 +70,7 @@ def alternatives_to_read(model: LanguageModel, kept: int) -> int:
 
 
 async def rescored_log_q(model: LanguageModel, prefix: list[int], tokens: list[int], kept: int, exponent: float,
-                         request_id: str, spend: Spend, priority: int) -> list[float]:
+                         request_id: str, spend: Spend, scheduling: Scheduling) -> list[float]:
     """log q of tokens drawn after `prefix` where a tie ran past the alternatives the pass reported:
     score them with as many alternatives as the engine allows."""
     spend.count("ties_rescored")
@@ -80,7 +80,7 @@ async def rescored_log_q(model: LanguageModel, prefix: list[int], tokens: list[i
             "needs scoring, which this engine cannot do while it serves distilled models; choose another "
             "proposal_top_k.", param="proposal_top_k")
     count = min(model.max_logprobs, model.vocab_size)
-    scored = await model.score(prefix + tokens, len(prefix), f"{request_id}-ties", spend, count, priority)
+    scored = await model.score(prefix + tokens, len(prefix), f"{request_id}-ties", spend, count, scheduling)
     log_q = [truncated_log_q(t.logprob, [a.logprob for a in t.top], kept, exponent, model.vocab_size)
              for t in scored]
     if None in log_q:

@@ -313,7 +313,7 @@ class _ChainRun:
             stop_token_ids=self.decode.stop_token_ids,
             ignore_eos=self.decode.ignore_eos,
             logprobs=alternatives_to_read(self.model, self.kept) if self.path == "one_pass" else 0,
-            priority=self.decode.priority,
+            scheduling=self.decode.scheduling,
         )
         prefix = self.prompt + chain.tokens[:m]
         return asyncio.create_task(self._propose(prefix, params, f"{self.request_id}-p{self.proposals}"))
@@ -327,14 +327,14 @@ class _ChainRun:
         elif self.path == "scored":
             logq = draw.logprobs
             logp = [t.logprob for t in await self.model.score(prefix + tokens, len(prefix), f"{request_id}-score",
-                                                              self.spend, priority=params.priority)]
+                                                              self.spend, scheduling=params.scheduling)]
         else:
             logp = draw.logprobs
             logq = self._log_q(logp, draw.alternatives)
             if None in logq:
                 logq = await rescored_log_q(self.model, prefix, tokens, self.kept,
                                             1.0 / _proposal_temperature(self.params), request_id, self.spend,
-                                            params.priority)
+                                            params.scheduling)
         return Segment(tokens, logp, logq, ended=draw.ended, stop_reason=draw.stop_reason)
 
     def _log_q(self, logp: list[float], alternatives: list[list[float]]) -> list[float | None]:

@@ -287,7 +287,7 @@ class _Choice:
     async def _probe(self, prefix: list[int], request_id: str) -> tuple[TokenLogprob, ...]:
         """The K most likely next tokens with their log p, from one decoded token's logprobs."""
         probe = DecodeParams(max_tokens=1, ignore_eos=True, logprobs=self.top_count, seed=self._seed(),
-                             priority=self.decode.priority)
+                             scheduling=self.decode.scheduling)
         self.spend.count("probes")
         [draw] = await complete(self.model, prefix, probe, request_id, self.spend)
         return draw.top[0]
@@ -346,7 +346,7 @@ class _Choice:
         if None in log_q:
             self.rescores.take()
             log_q = await rescored_log_q(self.model, prefix, draw.token_ids, self.kept, alpha, request_id, self.spend,
-                                         self.decode.priority)
+                                         self.decode.scheduling)
         return alpha * sum(draw.logprobs) - sum(log_q)
 
     def _proposal(self, n: int, max_tokens: int, top_count: int) -> DecodeParams:
@@ -357,7 +357,7 @@ class _Choice:
                             temperature=1.0 / self.params.power_alpha if self.tempered else 1.0,
                             top_k=self.kept if truncated else 0, logprobs=max(self.alternatives, top_count),
                             stop_token_ids=self.decode.stop_token_ids, ignore_eos=self.decode.ignore_eos,
-                            priority=self.decode.priority)
+                            scheduling=self.decode.scheduling)
 
     def _record_concentration(self, estimates: list[list[float]]) -> None:
         """How spread each zeta_hat of this decision was: its rollouts' effective sample size (the

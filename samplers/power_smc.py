@@ -301,7 +301,7 @@ class _Population:
             stop_token_ids=self.decode.stop_token_ids,
             ignore_eos=self.decode.ignore_eos,
             logprobs=self.alternatives,
-            priority=self.decode.priority,
+            scheduling=self.decode.scheduling,
         )
         async with aclosing(self.model.decode(self.prompt + particle.tokens, params, request_id,
                                               self.spend)) as batches:
@@ -314,7 +314,7 @@ class _Population:
                             self.rescores.take()
                             [log_q] = await rescored_log_q(self.model, self.prompt + particle.tokens,
                                                            [token.token_id], self.kept, exponent,
-                                                           request_id, self.spend, self.decode.priority)
+                                                           request_id, self.spend, self.decode.scheduling)
                         particle.tokens.append(token.token_id)
                         particle.logp.append(token.logprob)
                         particle.log_z.append(exponent * token.logprob - log_q)  # log Z_t (docs/samplers.md, power_smc)

@@ -20,7 +20,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, Spend, TokenLogprob
+from samplers.base import ChoiceDelta, DecodeParams, InvalidRequest, Scheduling, Spend, TokenLogprob
 
 # vLLM sizes the CPU KV cache as a fraction of the NUMA node's memory and refuses to start when that
 # much is not free; a fixed 2 GiB serves small models comfortably on a 24 GiB machine.
@@ -71,6 +71,21 @@ class VllmModel:
         # logits path is indexed for the sampled tokens only; vllm-project/vllm#29955).
         self.can_score = not (adapters and current_platform.is_cpu())
         self.eos_token_ids = _eos_token_ids(engine, self.tokenizer)
+        # Requests pinned to each data-parallel engine (pin_engine); one engine needs no pinning.
+        self.pinned = [0] * engine.vllm_config.parallel_config.data_parallel_size
+
+    def pin_engine(self) -> int | None:
+        """An engine for all of one request's engine requests, so that they share its prefix cache:
+        the one with the fewest requests pinned to it (None where there is one engine). Give it
+        back with unpin_engine."""
+        if len(self.pinned) == 1:
+            return None
+        rank = min(range(len(self.pinned)), key=self.pinned.__getitem__)
+        self.pinned[rank] += 1
+        return rank
+
+    def unpin_engine(self, rank: int) -> None:
+        self.pinned[rank] -= 1
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -144,14 +159,15 @@ class VllmModel:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     async def score(self, token_ids: list[int], start: int, request_id: str, spend: Spend,
-                    alternatives: int = 0, priority: int = 0) -> list[TokenLogprob]:
+                    alternatives: int = 0, scheduling: Scheduling = Scheduling()) -> list[TokenLogprob]:
         # Prompt logprobs are the model's raw log p whatever the logprobs mode, which makes them
         # exact for scoring; the price is that vLLM then skips the prefix cache for the request,
         # so the whole sequence is prefilled again.
         sampling = SamplingParams(max_tokens=1, prompt_logprobs=alternatives, detokenize=False)
         final = None
         async for output in self.engine.generate(
-            TokensPrompt(prompt_token_ids=token_ids), sampling, request_id, priority=priority
+            TokensPrompt(prompt_token_ids=token_ids), sampling, request_id, priority=scheduling.priority,
+            data_parallel_rank=scheduling.engine_rank,
         ):
             final = output
         spend.scored += len(token_ids)
@@ -169,7 +185,8 @@ class VllmModel:
             # Cancelling or closing `generate` makes vLLM abort the request, so nothing outlives the caller.
             async for output in self.engine.generate(
                 TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id,
-                lora_request=self.adapters[params.adapter] if params.adapter else None, priority=params.priority,
+                lora_request=self.adapters[params.adapter] if params.adapter else None,
+                priority=params.scheduling.priority, data_parallel_rank=params.scheduling.engine_rank,
             ):
                 # With n > 1 each choice is a request of its own inside vLLM, with its own prefill;
                 # its first output says how much of the prompt it found in the prefix cache.

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from samplers import DecodeParams
+from samplers import DecodeParams, Scheduling
 
 
 # The engine takes these as fixed-width integers.
@@ -180,7 +180,7 @@ class SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
-            priority=self.priority,
+            scheduling=Scheduling(priority=self.priority),
         )
 
 

@@ -7,6 +7,7 @@ output; a request is checked (server/requests.py), runs here, and is served as J
 """
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Run:
         self.model_name = body.model
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.ticket = None
+        self.engine_rank = None  # the data-parallel engine pinned to the run, once it starts
         self.finished = False
         self.prompt_alternatives = prompt_logprobs
         self.prompt_logprobs: list[list[TokenLogprob]] | None = None  # per prompt, from its second token
@@ -87,10 +89,13 @@ class Run:
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas as they come, with indices numbered across prompts."""
         await self.ticket.wait()
+        self.engine_rank = self.model.pin_engine()
+        self.decode = dataclasses.replace(self.decode, scheduling=dataclasses.replace(
+            self.decode.scheduling, engine_rank=self.engine_rank))
         if self.prompt_alternatives is not None:
             self.prompt_logprobs = [
                 await self.model.score(ids, 1, f"{self.request_id}-prompt-{i}", self.spend, self.prompt_alternatives,
-                                       self.decode.priority)
+                                       self.decode.scheduling)
                 for i, ids in enumerate(self.prompts)]
         if self.decode.max_tokens == 0:  # nothing to sample: each choice ends at once
             for choice in self.choices:
@@ -151,6 +156,8 @@ class Run:
         self.finished = True
         if self.ticket is not None:
             self.ticket.release()
+        if self.engine_rank is not None:
+            self.model.unpin_engine(self.engine_rank)
         status = exc.status if isinstance(exc, APIError) else None
         if exc is None:
             outcome = "success"
