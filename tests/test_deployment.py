@@ -48,7 +48,7 @@ def test_compose_files_validate_for_gpu_and_cpu_hosts():
 def test_dockerfile_targets_are_the_ones_compose_builds():
     stages = [line.split()[-1] for line in (ROOT / "Dockerfile").read_text().splitlines()
               if line.startswith("FROM ")]
-    assert stages == ["cpu", "gpu"]  # gpu last: a plain `docker build .` gives the GPU image
+    assert stages == ["cpu", "router", "gpu"]  # gpu last: a plain `docker build .` gives the GPU image
 
 
 def test_promtool_accepts_the_prometheus_config():
