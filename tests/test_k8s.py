@@ -62,6 +62,7 @@ def test_names_and_labels_tie_the_objects_together(manifests):
     args = router["containers"][0]["args"]
     assert args[args.index("--selector") + 1] == "app.kubernetes.io/name=" + labels["app.kubernetes.io/name"]
     assert "--service-discovery-port=8000" in args
+    assert "--disable-retries" in args  # else a 504 (a deadline passed) would be run again
     binding = manifests[("RoleBinding", "powerserve-router")]
     assert binding["subjects"][0]["name"] == router["serviceAccountName"]
     assert manifests[("Role", binding["roleRef"]["name"])]["rules"][0]["resources"] == ["pods"]
