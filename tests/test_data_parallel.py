@@ -3,6 +3,8 @@ power request runs on one engine, where they share its prefix cache, and request
 spread over the engines by how many each has pinned."""
 
 import concurrent.futures
+import contextlib
+import os
 
 import pytest
 
@@ -18,7 +20,14 @@ POWER = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3, "ignore_
 @pytest.fixture(scope="module")
 def two_engines(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("data_parallel") / "server.log"
-    with running_server(model_dir, log, "--max-model-len", "512", "--data-parallel-size", "2") as (server, _):
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as patch:
+            if bind not in (None, "auto", "nobind"):
+                # vLLM takes a CPU list per engine ("|"-separated): both on this worker's (tests/conftest.py).
+                patch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{bind}|{bind}")
+            server, _ = stack.enter_context(running_server(
+                model_dir, log, "--max-model-len", "512", "--data-parallel-size", "2"))
         yield server
 
 

@@ -137,7 +137,7 @@ def test_unknown_route_and_method_keep_the_error_shape(http):
 
 
 # Open as on vLLM's server, which guards only /v1 and its other API prefixes.
-OPEN_PATHS = {"/health", "/ping", "/version", "/tokenize", "/detokenize", "/metrics", "/openapi.json", "/docs",
+OPEN_PATHS = {"/health", "/health/live", "/ping", "/version", "/tokenize", "/detokenize", "/metrics", "/openapi.json", "/docs",
               "/docs/oauth2-redirect", "/redoc"}
 
 

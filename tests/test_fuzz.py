@@ -183,7 +183,7 @@ def openai_error_shape(ctx, response, case):
 CHECKS = [not_a_server_error_but_the_clients_deadline, openai_error_shape]
 
 # Every operation in the schema, so that a new one fails `test_every_operation_is_fuzzed` until it is added.
-OPERATIONS = ["GET /health", "GET /ping", "POST /ping", "GET /version", "POST /tokenize", "POST /detokenize",
+OPERATIONS = ["GET /health", "GET /health/live", "GET /ping", "POST /ping", "GET /version", "POST /tokenize", "POST /detokenize",
               "GET /metrics", "GET /v1/models", "GET /v1/samplers", "POST /v1/completion_logprob", "POST /v1/completions",
               "POST /v1/chat/completions"]
 
