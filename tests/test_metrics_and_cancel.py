@@ -17,6 +17,11 @@ def scrape(http) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def total(http, name: str) -> float:
+    """A metric's samples summed over all their labels."""
+    return sum(v for (sample, _), v in scrape(http).items() if sample == name)
+
+
 def value(samples, name, **labels) -> float:
     return samples.get((name, frozenset({**LABELS, **labels}.items())), 0.0)
 
@@ -49,7 +54,7 @@ def test_metrics_follow_requests(http, client):
 
 
 def running(http) -> float:
-    return sum(v for (name, _), v in scrape(http).items() if name == "vllm:num_requests_running")
+    return total(http, "vllm:num_requests_running")
 
 
 # The issue's bound: vLLM's running requests are back to zero "within a second or two" of a client

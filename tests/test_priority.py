@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import API_KEY, MODEL, running_server
 from tests.test_admission import leave
-from tests.test_metrics_and_cancel import scrape
+from tests.test_metrics_and_cancel import total
 
 HOLD_S = 30  # the holder cannot finish within the scenario on any machine; the test leaves it
 
@@ -27,7 +27,7 @@ def prioritized(model_dir, tmp_path_factory):
 
 
 def waiting(http: httpx.Client) -> float:
-    return sum(v for (name, _), v in scrape(http).items() if name == "vllm:num_requests_waiting")
+    return total(http, "vllm:num_requests_waiting")
 
 
 def finish_order(server, first: tuple[dict, dict], second: tuple[dict, dict]) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 from server.replicas import ROUTER
 from tests.conftest import API_KEY, MODEL, STARTUP_TIMEOUT_S, free_port
 from tests.test_errors import assert_error
-from tests.test_metrics_and_cancel import scrape
+from tests.test_metrics_and_cancel import total
 
 
 class Replicas:
@@ -34,7 +34,7 @@ class Replicas:
         counts = []
         for url in self.replicas:
             with self.http(url) as http:
-                counts.append(sum(v for (name, _), v in scrape(http).items() if name == "powerserve_requests_total"))
+                counts.append(total(http, "powerserve_requests_total"))
         return counts
 
     def served_by(self, send) -> list[float]:
