@@ -235,6 +235,8 @@ class CompletionFormat(Format):
 
     def final(self, run: Run) -> p.CompletionResponse:
         choices = []
+        # Per prompt, once: its n choices carry the same.
+        scored_prompts = [prompt_logprobs(run, i) for i in range(len(run.prompts))]
         for c in run.choices:
             echo_text, echo_logprobs = self._echo(run, c.index)
             logprobs = None if c.logprobs is None else _completion_logprobs(c.logprobs, len(echo_text))
@@ -243,7 +245,7 @@ class CompletionFormat(Format):
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=c.token_ids if self.token_ids else None,
                 prompt_token_ids=c.prompt_token_ids if self.token_ids else None,
-                prompt_logprobs=prompt_logprobs(run, c.index // run.decode.n),
+                prompt_logprobs=scored_prompts[c.index // run.decode.n],
             ))
         return p.CompletionResponse(id=run.request_id, model=run.model_name, choices=choices,
                                     usage=run.usage(), sampler_usage=run.sampler_usage())
